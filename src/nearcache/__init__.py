@@ -1,0 +1,56 @@
+"""nearcache: in-process caches kept consistent across instances over Redis Pub/Sub.
+
+Start with :class:`NearCache` (threads: Django, Flask) or :class:`AsyncNearCache` (asyncio:
+FastAPI, Starlette). Nothing runs at import: no connection, no thread.
+"""
+
+from nearcache._aio import AsyncNearCache
+from nearcache._codec import Invalidation, Kind
+from nearcache._config import Endpoint, RedisSettings, parse_connection_string
+from nearcache._core import CacheOptions, CacheStats
+from nearcache._exceptions import (
+    BackplaneError,
+    BackplaneUnavailableError,
+    CacheClosedError,
+    ConfigurationError,
+    ConfigurationWarning,
+    FlushTimeoutError,
+    MessageError,
+    NearCacheError,
+)
+from nearcache._memory import AsyncMemoryBackplane, MemoryBackplane, MemoryBroker
+from nearcache._store import MISSING
+from nearcache._sync import CacheState, NearCache
+from nearcache._typing import AsyncBackplane, Backplane, BackplaneListener, BackplaneState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MISSING",
+    "AsyncBackplane",
+    "AsyncMemoryBackplane",
+    "AsyncNearCache",
+    "Backplane",
+    "BackplaneError",
+    "BackplaneListener",
+    "BackplaneState",
+    "BackplaneUnavailableError",
+    "CacheClosedError",
+    "CacheOptions",
+    "CacheState",
+    "CacheStats",
+    "ConfigurationError",
+    "ConfigurationWarning",
+    "Endpoint",
+    "FlushTimeoutError",
+    "Invalidation",
+    "Kind",
+    "MemoryBackplane",
+    "MemoryBroker",
+    "MessageError",
+    "NearCache",
+    "NearCacheError",
+    "RedisSettings",
+    "__version__",
+    "parse_connection_string",
+]

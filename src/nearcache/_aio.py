@@ -1,0 +1,399 @@
+"""``AsyncNearCache``: the asyncio driver over :class:`nearcache._core.CacheCore`.
+
+Everything runs on the event loop that first uses the cache: the listener and sender are
+tasks, the core needs no lock, and nothing blocks the loop. A hit never suspends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any, TypeVar
+
+from nearcache._codec import Invalidation, Kind, channel_name
+from nearcache._config import RedisSettings, parse_connection_string
+from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
+from nearcache._exceptions import (
+    BackplaneError,
+    BackplaneUnavailableError,
+    CacheClosedError,
+    FlushTimeoutError,
+)
+from nearcache._store import MISSING, Reservation
+from nearcache._sync import CacheState, _ClosedStore, normalize_secrets
+from nearcache._typing import AsyncBackplane, BackplaneState, Clock
+
+__all__ = ["AsyncNearCache"]
+
+log = logging.getLogger("nearcache")
+T = TypeVar("T")
+_RETRY_MIN, _RETRY_MAX = 0.05, 2.0
+
+
+class _Flight:
+    __slots__ = ("future", "reservation")
+
+    def __init__(self, reservation: Reservation, future: asyncio.Future[Any]) -> None:
+        self.reservation = reservation
+        self.future = future
+
+
+class AsyncNearCache:
+    """The asyncio twin of :class:`~nearcache.NearCache`: same arguments, same method names,
+    as coroutines (``aclose`` instead of ``close``; ``async with``; async factories).
+
+    The backplane starts on first use (or ``await cache.start()`` / ``async with``); with
+    ``abortConnect=True`` that first use raises :class:`~nearcache.BackplaneUnavailableError`
+    when Redis cannot be reached.
+
+    Example::
+
+        async with AsyncNearCache("redis://127.0.0.1:6379/0", channel="shop") as cache:
+            product = await cache.get_or_set("42", load_product, region="products")
+    """
+
+    def __init__(
+        self,
+        connection: str | None = None,
+        *,
+        channel: str = "default",
+        backplane: AsyncBackplane | None = None,
+        max_entries: int = 100_000,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        max_age: float = 3600.0,
+        max_staleness: float = 2.0,
+        heartbeat_interval: float | None = None,
+        max_pending: int = 100_000,
+        secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        abort_connect: bool | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._options = CacheOptions(
+            max_entries=max_entries,
+            ttl=ttl,
+            sliding=sliding,
+            max_age=max_age,
+            max_staleness=max_staleness,
+            heartbeat_interval=heartbeat_interval,
+            max_pending=max_pending,
+            secrets=normalize_secrets(secret),
+        )
+        self._clock = clock
+        self._settings: RedisSettings | None = None
+        if connection is not None and backplane is not None:
+            raise ValueError("pass either a connection string or a backplane, not both")
+        if connection is not None:
+            self._settings = parse_connection_string(connection)
+            channel = channel_name(channel, self._settings.channel_prefix)
+            from nearcache._aioredis import AsyncRedisBackplane
+
+            backplane = AsyncRedisBackplane(
+                self._settings,
+                channel,
+                clock=clock,
+                heartbeat=self._options.heartbeat,
+                heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
+            )
+        elif backplane is not None:
+            channel = backplane.channel
+        self._channel = channel
+        self._abort_connect = (
+            abort_connect
+            if abort_connect is not None
+            else (self._settings.abort_connect if self._settings else False)
+        )
+        self._backplane = backplane
+        self._core = CacheCore(
+            self._options, clock=clock, instance_id=os.urandom(16), networked=backplane is not None
+        )
+        self._store: Any = self._core.store
+        self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
+        self._state = CacheState.OPEN
+        self._started = backplane is None
+        self._start_lock: asyncio.Lock | None = None
+        self._wake: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the backplane (idempotent; every other method calls it when needed)."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            self._check_open()
+            backplane = self._backplane
+            assert backplane is not None
+            self._wake = asyncio.Event()
+            self._progress = asyncio.Event()
+            await backplane.start(_Listener(self))
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name=f"nearcache-sender:{self._channel}"
+            )
+            self._started = True
+            if self._outbox_waiting():
+                self._wake.set()
+            if self._abort_connect:
+                timeout = self._settings.connect_timeout if self._settings else 5.0
+                if not await backplane.wait_connected(timeout):
+                    where = self._settings.describe() if self._settings else repr(backplane)
+                    reason = getattr(backplane, "last_error", None) or "no answer"
+                    await self.aclose(timeout=0)
+                    raise BackplaneUnavailableError(
+                        f"could not subscribe to channel {self._channel!r} on {where} within "
+                        f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
+                    )
+
+    def _outbox_waiting(self) -> bool:
+        return self._core.outbox.waiting > 0
+
+    async def aclose(self, timeout: float = 1.0) -> None:
+        """Deliver what is queued (waiting at most ``timeout`` seconds), then stop."""
+        if self._state is CacheState.CLOSED:
+            return
+        if self._started and self._backplane is not None and timeout > 0:
+            try:
+                await self.flush(timeout)
+            except FlushTimeoutError as exc:
+                log.warning(
+                    "nearcache: closing channel %r with %d invalidations undelivered",
+                    self._channel,
+                    exc.pending,
+                )
+        self._state = CacheState.CLOSED
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        if self._backplane is not None and self._started:
+            await self._backplane.aclose()
+        self._core.store.clear()
+        self._store = _ClosedStore()
+
+    async def __aenter__(self) -> AsyncNearCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._state is CacheState.CLOSED:
+            raise CacheClosedError(f"the cache on channel {self._channel!r} is closed")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
+        """Return the cached value of ``key`` in ``region``, or ``default`` on a miss."""
+        return self._store.get(key, default, region)
+
+    async def get_or_set(
+        self,
+        key: Hashable,
+        factory: Callable[[], Awaitable[T] | T],
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> T:
+        """Return the cached value, or run ``factory()`` once (awaiting it if it returns an
+        awaitable), cache and return its result. See :meth:`NearCache.get_or_set`."""
+        value = self._store.get(key, MISSING, region)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        check_key(key, region)
+        self._check_open()
+        if not self._started:
+            await self.start()
+        store = self._core.store
+        ident = (region, key)
+        flight = self._flights.get(ident)
+        if flight is not None and store.is_current(flight.reservation):
+            return await asyncio.shield(flight.future)
+        flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
+        self._flights[ident] = flight
+        try:
+            result = factory()
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException as exc:
+            store.release(flight.reservation)
+            if self._flights.get(ident) is flight:
+                del self._flights[ident]
+            if not flight.future.done():
+                flight.future.set_exception(exc)
+                flight.future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        if self._state is CacheState.OPEN:
+            store.commit(flight.reservation, result, ttl=ttl, sliding=sliding)
+        if self._flights.get(ident) is flight:
+            del self._flights[ident]
+        flight.future.set_result(result)
+        return result
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def set(
+        self,
+        key: Hashable,
+        value: object,
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> None:
+        """Cache ``value`` here and make every other instance drop its copy of ``key``."""
+        check_key(key, region)
+        self._check_open()
+        if not self._started:
+            await self.start()
+        if self._core.set(key, value, region, ttl, sliding):
+            self._kick()
+
+    async def remove(self, key: Hashable, *, region: str | None = None) -> None:
+        """Drop ``key`` here and on every other instance."""
+        check_key(key, region)
+        await self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+
+    async def clear_region(self, region: str | None) -> None:
+        """Drop every key of ``region`` here and on every other instance."""
+        check_region(region)
+        await self._local(Invalidation(Kind.REGION, region))
+
+    async def clear(self) -> None:
+        """Drop everything here and on every other instance."""
+        await self._local(Invalidation(Kind.CLEAR))
+
+    async def _local(self, op: Invalidation) -> None:
+        self._check_open()
+        if not self._started:
+            await self.start()
+        if self._core.local(op):
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until Redis acknowledged every invalidation made so far on this instance.
+
+        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds.
+        """
+        self._check_open()
+        outbox = self._core.outbox
+        target = outbox.accepted
+        deadline = self._clock() + timeout
+        while outbox.delivered < target:
+            assert self._progress is not None
+            remaining = deadline - self._clock()
+            self._progress.clear()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except asyncio.TimeoutError:
+                raise FlushTimeoutError(
+                    f"{len(outbox)} invalidations on channel {self._channel!r} not "
+                    f"acknowledged by Redis within {timeout}s",
+                    pending=len(outbox),
+                ) from None
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def channel(self) -> str:
+        """The channel name on the wire."""
+        return self._channel
+
+    @property
+    def state(self) -> CacheState:
+        """The cache's lifecycle state."""
+        return self._state
+
+    @property
+    def backplane_state(self) -> BackplaneState | None:
+        """The backplane's state, or ``None`` for a local cache."""
+        return None if self._backplane is None else self._backplane.state
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id on the backplane (hex)."""
+        return self._core.instance_id.hex()
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        state = "local" if self._backplane is None else self._backplane.state.value
+        return snapshot(self._core, state)
+
+    def __len__(self) -> int:
+        return len(self._core.store)
+
+    def __repr__(self) -> str:
+        where = self._settings.describe() if self._settings else "local"
+        return f"<AsyncNearCache channel={self._channel!r} on {where} {self._state.value}>"
+
+    # -- the sender task ------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        backplane = self._backplane
+        wake, progress = self._wake, self._progress
+        assert backplane is not None and wake is not None and progress is not None
+        core = self._core
+        while True:
+            while core.outbox.waiting == 0:
+                wake.clear()
+                await wake.wait()
+            payloads = core.take_batch()
+            delay = _RETRY_MIN
+            while True:
+                try:
+                    await backplane.publish(payloads)
+                    break
+                except BackplaneError as exc:
+                    core.stats.publish_failures += 1
+                    core.last_error = str(exc)
+                    if core.batch_superseded():
+                        payloads = []
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+            if payloads:
+                core.batch_sent(payloads)
+            progress.set()
+
+
+class _Listener:
+    """Receives the backplane's reports (on the loop) and applies them."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: AsyncNearCache) -> None:
+        self._cache = cache
+
+    def on_message(self, payload: bytes) -> None:
+        self._cache._core.receive(payload)
+
+    def on_subscribed(self, as_of: float) -> None:
+        self._cache._core.subscribed(as_of)
+
+    def on_confirmed(self, as_of: float) -> None:
+        self._cache._core.confirmed(as_of)
+
+    def on_state(self, state: BackplaneState, reason: str | None) -> None:
+        if reason:
+            self._cache._core.last_error = reason
+            log.warning(
+                "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
+            )

@@ -1,0 +1,276 @@
+"""The backplane message format, version 1 (documented byte for byte in docs/protocol.md).
+
+A message is one batch of invalidations from one sender, in the order they happened::
+
+    offset size  field
+    0      2     magic  b"NC"
+    2      1     version 0x01
+    3      1     flags  bit 0: signed (a trailer follows the operations); other bits 0
+    4      16    sender instance id (random per cache instance and per process)
+    20     8     sequence, unsigned big-endian, per sender, starts at 1, +1 per message
+    28     4     operation count, unsigned big-endian
+    32     ...   operations
+    [trailer when signed: key id (UTF-8, 1-255 bytes), key-id length (1 byte),
+     HMAC-SHA256 (32 bytes) of every byte before it]
+
+An operation is a kind byte then its fields::
+
+    0x01 KEY     region, key     drop one key of one region
+    0x02 REGION  region          drop every key of a region
+    0x03 CLEAR   (nothing)       drop everything
+
+    region: u16 length then UTF-8 bytes; length 0xFFFF means the default region (no bytes)
+    key:    type byte (0x01 str as UTF-8, 0x02 bytes, 0x03 int as ASCII decimal),
+            u32 length, the bytes
+
+Nothing here does I/O. ``decode`` raises ``MessageError`` for anything it cannot read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from enum import IntEnum
+from typing import NamedTuple
+
+from nearcache._exceptions import MessageError
+
+__all__ = [
+    "HEADER",
+    "MAGIC",
+    "VERSION",
+    "Invalidation",
+    "Kind",
+    "Message",
+    "channel_name",
+    "decode",
+    "encode",
+]
+
+MAGIC = b"NC"
+VERSION = 1
+FLAG_SIGNED = 0x01
+HEADER = struct.Struct(">2sBB16sQI")
+_U16 = struct.Struct(">H")
+_KEY_HEAD = struct.Struct(">BI")
+_DEFAULT_REGION = 0xFFFF
+_KEY_STR, _KEY_BYTES, _KEY_INT = 1, 2, 3
+_MAC_SIZE = 32
+
+Key = str | bytes | int
+Region = str | None
+
+
+class Kind(IntEnum):
+    """What an invalidation drops."""
+
+    KEY = 1
+    REGION = 2
+    CLEAR = 3
+
+
+class Invalidation(NamedTuple):
+    """One invalidation: a key of a region, a whole region, or everything."""
+
+    kind: Kind
+    region: Region = None
+    key: Key | None = None
+
+    def describe(self) -> str:
+        """A short human-readable form, e.g. ``key products/'42'``."""
+        where = "<default>" if self.region is None else self.region
+        if self.kind is Kind.KEY:
+            return f"key {where}/{self.key!r}"
+        if self.kind is Kind.REGION:
+            return f"region {where}"
+        return "clear"
+
+
+class Message(NamedTuple):
+    """A decoded backplane message."""
+
+    sender: bytes
+    sequence: int
+    operations: tuple[Invalidation, ...]
+    key_id: str | None = None
+
+
+def _encode_region(out: bytearray, region: Region) -> None:
+    if region is None:
+        out += _U16.pack(_DEFAULT_REGION)
+        return
+    raw = region.encode()
+    if len(raw) >= _DEFAULT_REGION:
+        raise ValueError(f"region name is too long ({len(raw)} bytes, at most 65534)")
+    out += _U16.pack(len(raw))
+    out += raw
+
+
+def _encode_key(out: bytearray, key: Key) -> None:
+    if isinstance(key, str):
+        kind, raw = _KEY_STR, key.encode()
+    elif isinstance(key, bytes):
+        kind, raw = _KEY_BYTES, key
+    else:
+        kind, raw = _KEY_INT, str(int(key)).encode()
+    out += _KEY_HEAD.pack(kind, len(raw))
+    out += raw
+
+
+def encode(
+    sender: bytes,
+    sequence: int,
+    operations: Sequence[Invalidation],
+    *,
+    signing_key: tuple[str, bytes] | None = None,
+) -> bytes:
+    """Encode one message. ``signing_key`` is ``(key_id, secret)`` to sign it."""
+    out = bytearray(
+        HEADER.pack(
+            MAGIC, VERSION, FLAG_SIGNED if signing_key else 0, sender, sequence, len(operations)
+        )
+    )
+    for op in operations:
+        out.append(op.kind)
+        if op.kind is Kind.CLEAR:
+            continue
+        _encode_region(out, op.region)
+        if op.kind is Kind.KEY:
+            assert op.key is not None
+            _encode_key(out, op.key)
+    if signing_key is not None:
+        key_id, secret = signing_key
+        raw_id = key_id.encode()
+        out += raw_id
+        out.append(len(raw_id))
+        out += hmac.new(secret, bytes(out), hashlib.sha256).digest()
+    return bytes(out)
+
+
+def _verify(data: bytes, secrets: Mapping[str, bytes]) -> tuple[int, str]:
+    """Check the trailer of a signed message; return where the operations end and the key id."""
+    size = len(data)
+    if size < HEADER.size + _MAC_SIZE + 2:
+        raise MessageError("signed message too short for its trailer")
+    mac_start = size - _MAC_SIZE
+    id_len = data[mac_start - 1]
+    id_start = mac_start - 1 - id_len
+    if id_len == 0 or id_start < HEADER.size:
+        raise MessageError("malformed signature trailer")
+    try:
+        key_id = data[id_start : mac_start - 1].decode()
+    except UnicodeDecodeError:
+        raise MessageError("malformed key id in signature trailer") from None
+    secret = secrets.get(key_id)
+    if secret is None:
+        raise MessageError(f"signed with unknown key id {key_id!r}")
+    expected = hmac.new(secret, data[:mac_start], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, data[mac_start:]):
+        raise MessageError(f"bad signature (key id {key_id!r})")
+    return id_start, key_id
+
+
+def decode(data: bytes, secrets: Mapping[str, bytes] | None = None) -> Message:
+    """Decode one message, raising ``MessageError`` if it is malformed, foreign or forged.
+
+    With ``secrets`` (key id → secret), unsigned messages and messages whose signature does not
+    match one of the keys are rejected.
+    """
+    size = len(data)
+    if size < HEADER.size:
+        raise MessageError(f"message too short ({size} bytes)")
+    magic, version, flags, sender, sequence, count = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageError("not a nearcache message (bad magic)")
+    if version != VERSION:
+        raise MessageError(f"unsupported message version {version}")
+    if flags & ~FLAG_SIGNED:
+        raise MessageError(f"unknown flags 0x{flags:02x}")
+    end = size
+    key_id: str | None = None
+    if flags & FLAG_SIGNED:
+        if secrets:
+            end, key_id = _verify(data, secrets)
+        else:
+            raise MessageError("signed message but no secret is configured")
+    elif secrets:
+        raise MessageError("unsigned message but a secret is configured")
+    if count > end - HEADER.size:
+        raise MessageError(f"operation count {count} exceeds the message size")
+    pos = HEADER.size
+    ops: list[Invalidation] = []
+    try:
+        for _ in range(count):
+            kind = data[pos]
+            pos += 1
+            if kind == Kind.CLEAR:
+                ops.append(Invalidation(Kind.CLEAR))
+                continue
+            if kind not in (Kind.KEY, Kind.REGION):
+                raise MessageError(f"unknown operation kind 0x{kind:02x}")
+            region, pos = _decode_region(data, pos, end)
+            if kind == Kind.REGION:
+                ops.append(Invalidation(Kind.REGION, region))
+                continue
+            key, pos = _decode_key(data, pos, end)
+            ops.append(Invalidation(Kind.KEY, region, key))
+    except (IndexError, struct.error, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, MessageError):
+            raise
+        raise MessageError(f"truncated or malformed operation at byte {pos}: {exc}") from None
+    if pos != end:
+        raise MessageError(f"{end - pos} unexpected bytes after the operations")
+    return Message(sender, sequence, tuple(ops), key_id)
+
+
+def _decode_region(data: bytes, pos: int, end: int) -> tuple[Region, int]:
+    if pos + 2 > end:
+        raise MessageError(f"truncated region at byte {pos}")
+    (length,) = _U16.unpack_from(data, pos)
+    pos += 2
+    if length == _DEFAULT_REGION:
+        return None, pos
+    if pos + length > end:
+        raise MessageError(f"truncated region at byte {pos}")
+    return data[pos : pos + length].decode(), pos + length
+
+
+def _decode_key(data: bytes, pos: int, end: int) -> tuple[Key, int]:
+    if pos + _KEY_HEAD.size > end:
+        raise MessageError(f"truncated key at byte {pos}")
+    kind, length = _KEY_HEAD.unpack_from(data, pos)
+    pos += _KEY_HEAD.size
+    if pos + length > end:
+        raise MessageError(f"truncated key at byte {pos}")
+    raw = data[pos : pos + length]
+    pos += length
+    if kind == _KEY_STR:
+        return raw.decode(), pos
+    if kind == _KEY_BYTES:
+        return bytes(raw), pos
+    if kind == _KEY_INT:
+        text = raw.decode("ascii")
+        if not text or not (text.isdigit() or (text[0] == "-" and text[1:].isdigit())):
+            raise MessageError(f"malformed int key at byte {pos - length}")
+        if len(text) > 4000:
+            raise MessageError("int key too long")
+        return int(text), pos
+    raise MessageError(f"unknown key type 0x{kind:02x}")
+
+
+def split(operations: Iterable[Invalidation], max_ops: int) -> list[list[Invalidation]]:
+    """Split operations into message-sized chunks, keeping their order."""
+    chunks: list[list[Invalidation]] = [[]]
+    for op in operations:
+        if len(chunks[-1]) >= max_ops:
+            chunks.append([])
+        chunks[-1].append(op)
+    return [c for c in chunks if c]
+
+
+def channel_name(channel: str, prefix: str = "") -> str:
+    """The wire channel of a logical channel: the protocol version is part of it, so
+    instances speaking different versions never read each other's messages."""
+    return f"{prefix}nearcache:v{VERSION}:{channel}"

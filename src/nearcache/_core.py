@@ -1,0 +1,323 @@
+"""The I/O-free heart shared by the threaded and the asyncio drivers.
+
+``CacheCore`` holds the L1 store, the outbox of invalidations to publish and the receiving
+side's bookkeeping (own-message suppression, per-sender sequence gaps, malformed messages).
+The drivers add only what needs I/O: locks or a loop, threads or tasks, and the backplane.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+
+from nearcache._codec import Invalidation, Kind, decode, encode, split
+from nearcache._exceptions import ConfigurationError, MessageError
+from nearcache._outbox import Outbox
+from nearcache._store import L1Store
+
+__all__ = ["BackplaneStats", "CacheCore", "CacheOptions", "check_key", "check_region"]
+
+_KEY_TYPES = (str, bytes, int)
+MESSAGE_MAX_OPS = 256  # operations per message: a few KiB, one TCP segment or a handful
+BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messages)
+
+
+def check_key(key: object, region: object) -> None:
+    """Raise ``TypeError`` unless ``key`` and ``region`` can travel on the backplane."""
+    if not isinstance(key, _KEY_TYPES):
+        raise TypeError(
+            f"nearcache keys are str, bytes or int; got {type(key).__name__} (region {region!r})"
+        )
+    check_region(region)
+
+
+def check_region(region: object) -> None:
+    """Raise ``TypeError`` unless ``region`` is a str or None."""
+    if region is not None and not isinstance(region, str):
+        raise TypeError(f"nearcache regions are str or None; got {type(region).__name__}")
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ConfigurationError(f"{name} must be set", option=name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}", option=name)
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Tuning of one cache. Every field has a safe default.
+
+    Args:
+        max_entries: size bound of L1; past it the least recently useful entry is evicted.
+        ttl: default absolute time to live of an entry, seconds (``None``: ``max_age`` only).
+        sliding: default sliding expiration, seconds (``None``: none).
+        max_age: hard limit on any entry's age, seconds: the backstop for anything missed.
+        max_staleness: the staleness bound, seconds (see docs/guarantees.md).
+        heartbeat_interval: how often the subscriber connection is pinged, seconds
+            (default: a quarter of ``max_staleness``).
+        max_pending: invalidations kept while Redis is unreachable; past it they collapse
+            into one clear-all sent when Redis is back.
+        secrets: key id → secret for signing messages (the first one signs, all verify).
+    """
+
+    max_entries: int = 100_000
+    ttl: float | None = None
+    sliding: float | None = None
+    max_age: float = 3600.0
+    max_staleness: float = 2.0
+    heartbeat_interval: float | None = None
+    max_pending: int = 100_000
+    secrets: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_entries, bool)
+            or not isinstance(self.max_entries, int)
+            or self.max_entries < 1
+        ):
+            raise ConfigurationError(
+                f"max_entries must be a positive int, got {self.max_entries!r}",
+                option="max_entries",
+            )
+        if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int):
+            raise ConfigurationError("max_pending must be an int", option="max_pending")
+        if self.max_pending < 1:
+            raise ConfigurationError("max_pending must be at least 1", option="max_pending")
+        _positive("ttl", self.ttl)
+        _positive("sliding", self.sliding)
+        _positive("max_age", self.max_age, allow_none=False)
+        _positive("max_staleness", self.max_staleness, allow_none=False)
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        if self.heartbeat_interval is not None and self.heartbeat_interval > self.max_staleness:
+            raise ConfigurationError(
+                "heartbeat_interval must not exceed max_staleness", option="heartbeat_interval"
+            )
+        for key_id, secret in self.secrets.items():
+            if not key_id or len(key_id.encode()) > 255 or not isinstance(secret, bytes):
+                raise ConfigurationError(
+                    "secrets maps key ids (1-255 bytes) to bytes secrets", option="secrets"
+                )
+
+    @property
+    def heartbeat(self) -> float:
+        """The effective heartbeat interval in seconds."""
+        return self.heartbeat_interval or self.max_staleness / 4
+
+
+@dataclass
+class BackplaneStats:
+    """Counters of the backplane side of one cache."""
+
+    messages_sent: int = 0
+    invalidations_sent: int = 0
+    messages_received: int = 0
+    invalidations_received: int = 0
+    own_messages: int = 0
+    malformed_messages: int = 0
+    sequence_gaps: int = 0
+    resubscriptions: int = 0
+    publish_failures: int = 0
+
+
+class CacheCore:
+    """Store + outbox + receive bookkeeping. Callers serialize every method but reads."""
+
+    def __init__(
+        self,
+        options: CacheOptions,
+        *,
+        clock: Callable[[], float],
+        instance_id: bytes,
+        networked: bool,
+    ) -> None:
+        self.options = options
+        self.clock = clock
+        self.networked = networked
+        self.store = L1Store(
+            clock=clock,
+            max_entries=options.max_entries,
+            ttl=options.ttl,
+            sliding=options.sliding,
+            max_age=options.max_age,
+            max_staleness=options.max_staleness if networked else math.inf,
+        )
+        self.outbox = Outbox(options.max_pending)
+        self.stats = BackplaneStats()
+        self.instance_id = instance_id
+        self._signing = next(iter(options.secrets.items()), None)
+        self._sequence = 0  # last message sequence number used
+        self._batch_first_sequence = 0
+        self._senders: dict[bytes, int] = {}
+        self.last_error: str | None = None
+
+    # -- local operations: apply here, queue for the others ----------------------------------
+
+    def local(self, op: Invalidation) -> bool:
+        """Apply an invalidation made on this instance; return whether the sender must wake."""
+        self.apply(op)
+        if not self.networked:
+            return False
+        was_idle = self.outbox.waiting == 0
+        self.outbox.add(op)
+        return was_idle
+
+    def set(
+        self,
+        key: Hashable,
+        value: object,
+        region: str | None,
+        ttl: float | None,
+        sliding: float | None,
+    ) -> bool:
+        """Store a value written on this instance; return whether the sender must wake."""
+        self.store.set(key, value, region, ttl=ttl, sliding=sliding)
+        if not self.networked:
+            return False
+        was_idle = self.outbox.waiting == 0
+        self.outbox.add(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        return was_idle
+
+    def apply(self, op: Invalidation) -> None:
+        """Apply one invalidation to the store."""
+        if op.kind is Kind.KEY:
+            self.store.remove(op.key, op.region)
+        elif op.kind is Kind.REGION:
+            self.store.clear_region(op.region)
+        else:
+            self.store.clear()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def take_batch(self) -> list[bytes]:
+        """Take what waits in the outbox and encode it as messages (empty: nothing waits)."""
+        ops = self.outbox.take(BATCH_MAX_OPS)
+        self._batch_first_sequence = self._sequence + 1
+        payloads = []
+        for chunk in split(ops, MESSAGE_MAX_OPS):
+            self._sequence += 1
+            payloads.append(
+                encode(self.instance_id, self._sequence, chunk, signing_key=self._signing)
+            )
+        return payloads
+
+    def batch_sent(self, payloads: list[bytes]) -> None:
+        """The batch in flight was acknowledged by Redis."""
+        self.stats.messages_sent += len(payloads)
+        self.stats.invalidations_sent += self.outbox.in_flight
+        self.outbox.commit()
+
+    def batch_superseded(self) -> bool:
+        """If a clear waits behind the batch in flight, drop the batch (its sequence numbers
+        are reused, so receivers see no gap) and return True."""
+        if not self.outbox.superseded:
+            return False
+        self.outbox.commit()
+        self._sequence = self._batch_first_sequence - 1
+        return True
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, payload: bytes) -> None:
+        """Decode and apply one message from the backplane. Never raises for bad input."""
+        try:
+            message = decode(payload, self.options.secrets or None)
+        except MessageError as exc:
+            self.stats.malformed_messages += 1
+            self.last_error = f"malformed message: {exc}"
+            return
+        if message.sender == self.instance_id:
+            self.stats.own_messages += 1
+            return
+        self.stats.messages_received += 1
+        last = self._senders.get(message.sender)
+        self._senders[message.sender] = max(message.sequence, last or 0)
+        if last is not None and message.sequence > last + 1:
+            # A message of this sender never reached us while the subscription stayed up:
+            # whatever it invalidated may be held here. Drop L1 (locally only).
+            self.stats.sequence_gaps += 1
+            self.store.repair()
+        for op in message.operations:
+            self.apply(op)
+            self.store.count_invalidation()
+        self.stats.invalidations_received += len(message.operations)
+
+    def subscribed(self, as_of: float) -> None:
+        """A new subscription is up: what was published before ``as_of`` may have been lost."""
+        self.stats.resubscriptions += 1
+        self._senders.clear()
+        self.store.repair(as_of)
+
+    def confirmed(self, as_of: float) -> None:
+        """Everything published before ``as_of`` has been applied here."""
+        self.store.confirm(as_of)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of one cache's counters and state.
+
+    ``hits``/``misses`` count L1 reads; ``invalidations_sent``/``_received`` count operations
+    on the backplane; ``pending`` is what waits in the outbox; ``repairs`` counts how often L1
+    was dropped because messages may have been lost (new subscription or sequence gap).
+    """
+
+    entries: int
+    hits: int
+    misses: int
+    sets: int
+    evictions: int
+    expirations: int
+    rejected_loads: int
+    repairs: int
+    messages_sent: int
+    invalidations_sent: int
+    messages_received: int
+    invalidations_received: int
+    own_messages: int
+    malformed_messages: int
+    sequence_gaps: int
+    resubscriptions: int
+    publish_failures: int
+    pending: int
+    degraded_to_clear: int
+    backplane: str
+    last_error: str | None
+
+    @property
+    def hit_ratio(self) -> float:
+        """Hits over reads (0.0 before the first read)."""
+        reads = self.hits + self.misses
+        return self.hits / reads if reads else 0.0
+
+
+def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
+    """Collect a :class:`CacheStats` from a core (caller holds the driver's lock)."""
+    store = core.store.stats()
+    bp = core.stats
+    return CacheStats(
+        entries=store.entries,
+        hits=store.hits,
+        misses=store.misses,
+        sets=store.sets,
+        evictions=store.evictions,
+        expirations=store.expirations,
+        rejected_loads=store.rejected_loads,
+        repairs=store.repairs,
+        messages_sent=bp.messages_sent,
+        invalidations_sent=bp.invalidations_sent,
+        messages_received=bp.messages_received,
+        invalidations_received=bp.invalidations_received,
+        own_messages=bp.own_messages,
+        malformed_messages=bp.malformed_messages,
+        sequence_gaps=bp.sequence_gaps,
+        resubscriptions=bp.resubscriptions,
+        publish_failures=bp.publish_failures,
+        pending=len(core.outbox),
+        degraded_to_clear=core.outbox.degraded,
+        backplane=backplane_state,
+        last_error=core.last_error,
+    )

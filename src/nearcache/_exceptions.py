@@ -1,0 +1,79 @@
+"""Every error nearcache raises, under one root.
+
+```
+NearCacheError
+├── ConfigurationError        bad connection string, option or argument
+├── CacheClosedError          the cache was closed; it refuses further use
+├── BackplaneError            the backplane could not do what was asked
+│   ├── BackplaneUnavailableError   Redis unreachable (abortConnect=True at start)
+│   └── FlushTimeoutError           flush() ran out of time before Redis acknowledged
+└── MessageError              a backplane message could not be decoded (counted, never raised
+                              out of a listener)
+
+ConfigurationWarning (UserWarning): an option was accepted but has no effect here.
+```
+
+Errors carry context (the key, the region, the channel, the offending option) and never a
+password.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackplaneError",
+    "BackplaneUnavailableError",
+    "CacheClosedError",
+    "ConfigurationError",
+    "ConfigurationWarning",
+    "FlushTimeoutError",
+    "MessageError",
+    "NearCacheError",
+]
+
+
+class NearCacheError(Exception):
+    """Root of every error raised by nearcache."""
+
+
+class ConfigurationError(NearCacheError, ValueError):
+    """A connection string, option or argument is invalid.
+
+    ``option`` names the offending setting when there is one. The message never contains a
+    password.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class CacheClosedError(NearCacheError, RuntimeError):
+    """The cache was closed and refuses further use."""
+
+
+class BackplaneError(NearCacheError):
+    """The backplane could not do what was asked."""
+
+
+class BackplaneUnavailableError(BackplaneError, ConnectionError):
+    """Redis could not be reached (raised at start when ``abortConnect=True``)."""
+
+
+class FlushTimeoutError(BackplaneError, TimeoutError):
+    """``flush()`` ran out of time before Redis acknowledged every queued invalidation.
+
+    ``pending`` is the number of invalidations still queued (they are kept and will be
+    delivered when Redis is reachable).
+    """
+
+    def __init__(self, message: str, *, pending: int) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
+class MessageError(NearCacheError, ValueError):
+    """A backplane message could not be decoded."""
+
+
+class ConfigurationWarning(UserWarning):
+    """A connection-string option was accepted but has no effect in nearcache."""

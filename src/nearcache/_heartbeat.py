@@ -1,0 +1,69 @@
+"""Heartbeat bookkeeping of a subscriber connection, shared by both Redis backplanes.
+
+The backplane PINGs on its subscriber connection. Redis answers in order with the messages it
+pushed before, so a matching pong proves that every message published before the ping was
+sent has been received. No answer within ``timeout`` means the connection is stalled, even if
+the socket looks open. No I/O here: the backplanes send the pings and read the messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nearcache._typing import BackplaneListener
+
+__all__ = ["Heartbeat", "StalledError", "dispatch"]
+
+
+class StalledError(Exception):
+    """The subscriber connection stopped answering (or the server dropped the subscription)."""
+
+
+class Heartbeat:
+    """When to ping, how long to wait, and what a pong proves."""
+
+    def __init__(self, interval: float, timeout: float, now: float) -> None:
+        self._interval = interval
+        self._timeout = timeout
+        self._token = 0
+        self._sent: float | None = None
+        self._next = now  # ping at once: the first pong confirms the new subscription
+
+    def due(self, now: float) -> str | None:
+        """The token of a ping to send now, or None."""
+        if self._sent is not None or now < self._next:
+            return None
+        self._token += 1
+        self._sent = now
+        self._next = now + self._interval
+        return str(self._token)
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait for the next message; raises StalledError if a pong is overdue."""
+        if self._sent is None:
+            return max(self._next - now, 0.0)
+        left = self._sent + self._timeout - now
+        if left <= 0:
+            raise StalledError(f"no heartbeat answer within {self._timeout:.2f}s (stalled)")
+        return left
+
+    def pong(self, data: object) -> float | None:
+        """When the answered ping was sent, if ``data`` answers the outstanding one."""
+        if self._sent is None or data != str(self._token).encode():
+            return None
+        sent, self._sent = self._sent, None
+        return sent
+
+
+def dispatch(message: Mapping[str, Any], heartbeat: Heartbeat, listener: BackplaneListener) -> None:
+    """Hand one redis-py pub/sub message to the listener."""
+    kind = message["type"]
+    if kind in ("message", "smessage"):
+        listener.on_message(message["data"])
+    elif kind == "pong":
+        sent = heartbeat.pong(message["data"])
+        if sent is not None:
+            listener.on_confirmed(sent)
+    elif kind in ("unsubscribe", "sunsubscribe"):
+        raise StalledError(f"the server ended the subscription ({kind})")

@@ -1,0 +1,118 @@
+"""The outbox: invalidations accepted locally and not yet acknowledged by the backplane.
+
+No I/O. The caller's thread only appends here; a sender (thread or task) takes batches,
+publishes them and commits them once Redis acknowledged. Order is kept. While a batch is in
+flight, new invalidations are coalesced only with other invalidations that are still
+waiting (never with the in-flight batch: it may already have been delivered before the newer
+write happened).
+
+- A repeated key is kept once (at its first position: the receivers evict it either way).
+- A clear supersedes everything waiting.
+- Past ``max_pending`` waiting invalidations the outbox degrades to one clear: receivers
+  will drop everything, but no invalidation is lost.
+
+``flush`` waits on :attr:`Outbox.delivered`: every invalidation accepted with a sequence
+number up to it has been acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+
+from nearcache._codec import Invalidation, Kind
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Ordered, coalescing, bounded queue of outgoing invalidations."""
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        self._max_pending = max_pending
+        self._queue: deque[tuple[int, Invalidation]] = deque()  # (first sequence, op)
+        self._in_flight = 0  # length of the queue's prefix taken by the sender
+        self._waiting_keys: set[tuple[str | None, Hashable]] = set()
+        self._accepted = 0  # sequence of the last accepted invalidation
+        self.degraded = 0  # how many times the bound collapsed the queue into one clear
+        self.coalesced = 0
+
+    @property
+    def accepted(self) -> int:
+        """Sequence number of the last accepted invalidation."""
+        return self._accepted
+
+    @property
+    def delivered(self) -> int:
+        """Every invalidation with a sequence number up to this one has been acknowledged."""
+        if not self._queue:
+            return self._accepted
+        return self._queue[0][0] - 1
+
+    @property
+    def in_flight(self) -> int:
+        """Invalidations taken by the sender and not yet committed."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Invalidations not yet taken by the sender."""
+        return len(self._queue) - self._in_flight
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, op: Invalidation) -> int:
+        """Accept one invalidation; return its sequence number."""
+        self._accepted += 1
+        seq = self._accepted
+        if op.kind is Kind.KEY:
+            ident = (op.region, op.key)
+            if ident in self._waiting_keys:
+                self.coalesced += 1
+                return seq
+            if self.waiting < self._max_pending:
+                self._waiting_keys.add(ident)
+                self._queue.append((seq, op))
+                return seq
+            self.degraded += 1
+            op = Invalidation(Kind.CLEAR)
+        if op.kind is Kind.CLEAR and self.waiting:
+            # Everything waiting is superseded; the clear takes over the earliest sequence it
+            # replaces so that ``delivered`` never runs ahead of it.
+            seq = self._queue[self._in_flight][0]
+            self.coalesced += self.waiting
+            while len(self._queue) > self._in_flight:
+                self._queue.pop()
+            self._waiting_keys.clear()
+        self._queue.append((seq, op))
+        return self._accepted
+
+    def take(self, max_ops: int) -> list[Invalidation]:
+        """Mark up to ``max_ops`` waiting invalidations as in flight and return them in order.
+
+        Everything in flight must be committed before the next take.
+        """
+        assert self._in_flight == 0, "commit the batch in flight first"
+        count = min(max_ops, len(self._queue))
+        batch: list[Invalidation] = []
+        for i in range(count):
+            op = self._queue[i][1]
+            batch.append(op)
+            if op.kind is Kind.KEY:
+                self._waiting_keys.discard((op.region, op.key))
+        self._in_flight = count
+        return batch
+
+    @property
+    def superseded(self) -> bool:
+        """Whether the batch in flight no longer matters: a clear waits right behind it."""
+        if self._in_flight == 0 or self._in_flight >= len(self._queue):
+            return False
+        return self._queue[self._in_flight][1].kind is Kind.CLEAR
+
+    def commit(self) -> None:
+        """The batch in flight was acknowledged by the backplane."""
+        for _ in range(self._in_flight):
+            self._queue.popleft()
+        self._in_flight = 0

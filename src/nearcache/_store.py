@@ -1,0 +1,427 @@
+"""The L1 store: entries by region, expiry, a size bound, reservations and the staleness floor.
+
+Pure decisions, no I/O: the clock is injected, nothing here imports ``threading``, ``asyncio``
+or ``redis``. Writers must be serialized by the caller (the threaded driver holds a lock, the
+asyncio driver runs on one loop); :meth:`L1Store.get` may run concurrently with one writer
+because every step it takes is a single dictionary or attribute operation.
+
+Staleness rule (docs/guarantees.md): an entry may be served at time ``now`` only while
+``now <= max(entry.stored, confirmed) + max_staleness``, where ``confirmed`` is the latest
+moment the backplane proved that every invalidation published before it had been applied
+here. While the backplane is healthy ``confirmed`` advances with every heartbeat; when it
+stops, entries age out by themselves, with no mode switch to get wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["MISSING", "L1Store", "Reservation", "StoreStats"]
+
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "nearcache.MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Missing()
+"""Returned by ``get(key, MISSING)`` on a miss, so that ``None`` can be cached."""
+
+Region = str | None
+
+
+class _Entry:
+    __slots__ = (
+        "deadline",
+        "expires",
+        "hits",
+        "key",
+        "mark",
+        "region",
+        "sliding",
+        "stored",
+        "value",
+    )
+
+    def __init__(
+        self,
+        key: Hashable,
+        region: Region,
+        value: object,
+        stored: float,
+        expires: float,
+        deadline: float,
+        sliding: float,
+    ) -> None:
+        self.key = key
+        self.region = region
+        self.value = value
+        self.stored = stored  # when the value was known current (load start, or set time)
+        self.expires = expires  # next expiry: sliding or absolute, whichever is first
+        self.deadline = deadline  # hard limit: absolute TTL and max_age
+        self.sliding = sliding  # sliding window in seconds, 0.0 when none
+        self.hits = 0
+        self.mark = 0  # hits seen by the eviction hand at its last pass
+
+
+class Reservation:
+    """A claim, taken before a load, that the loaded value may be stored.
+
+    Any invalidation of the key, its region or everything that happens while the load runs
+    cancels it, so a value loaded before a write never overwrites the write's invalidation.
+    """
+
+    __slots__ = ("cancelled", "global_gen", "key", "region", "region_gen", "started")
+
+    def __init__(
+        self, key: Hashable, region: Region, started: float, global_gen: int, region_gen: int
+    ) -> None:
+        self.key = key
+        self.region = region
+        self.started = started
+        self.global_gen = global_gen
+        self.region_gen = region_gen
+        self.cancelled = False
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of the L1 store's counters."""
+
+    entries: int
+    hits: int
+    misses: int
+    sets: int
+    evictions: int
+    expirations: int
+    invalidations: int
+    rejected_loads: int
+    repairs: int
+
+
+class L1Store:
+    """The in-process cache of one instance.
+
+    Args:
+        clock: seconds from a monotonic clock (``time.monotonic`` in production).
+        max_entries: the size bound; past it the least recently useful entry is evicted
+            (CLOCK, an LRU approximation whose hit path only bumps a counter).
+        ttl: default absolute time to live in seconds (``None``: only ``max_age`` applies).
+        sliding: default sliding expiration in seconds (``None``: none).
+        max_age: a hard limit on every entry's age, the backstop for anything missed.
+        max_staleness: how long an entry may be served after the backplane last proved it
+            current; ``math.inf`` for a local cache with no backplane.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        max_entries: int = 100_000,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        max_age: float = 3600.0,
+        max_staleness: float = math.inf,
+    ) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._ttl = ttl
+        self._sliding = sliding
+        self._max_age = max_age
+        self._max_staleness = max_staleness
+        self._default: dict[Hashable, _Entry] = {}
+        self._regions: dict[Region, dict[Hashable, _Entry]] = {None: self._default}
+        self._ring: deque[_Entry] = deque()  # the CLOCK ring; holds dead entries lazily
+        self._count = 0
+        # Local caches never go stale; a backplane cache starts unconfirmed.
+        self._fresh_until = math.inf if max_staleness == math.inf else -math.inf
+        self._global_gen = 0
+        self._region_gens: dict[Region, int] = {}
+        self._reservations: dict[tuple[Region, Hashable], Reservation] = {}
+        self._retired_hits = 0
+        self._misses = 0
+        self._sets = 0
+        self._evictions = 0
+        self._expirations = 0
+        self._invalidations = 0
+        self._rejected_loads = 0
+        self._repairs = 0
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
+        """Return the value of ``key`` in ``region``, or ``default`` when it is not servable."""
+        if region is None:
+            entry = self._default.get(key)
+        else:
+            bucket = self._regions.get(region)
+            entry = None if bucket is None else bucket.get(key)
+        if entry is not None:
+            now = self._clock()
+            if now < entry.expires and (
+                now <= self._fresh_until or now <= entry.stored + self._max_staleness
+            ):
+                entry.hits += 1
+                if entry.sliding:
+                    entry.expires = min(now + entry.sliding, entry.deadline)
+                return entry.value
+        self._misses += 1
+        return default
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, item: tuple[Region, Hashable]) -> bool:
+        region, key = item
+        return self.get(key, MISSING, region) is not MISSING
+
+    def keys(self, region: Region = None) -> Iterator[Hashable]:
+        """The keys currently held in ``region`` (servable or not)."""
+        return iter(list(self._regions.get(region, {})))
+
+    def regions(self) -> list[Region]:
+        """The regions that currently hold entries."""
+        return [r for r, bucket in self._regions.items() if bucket]
+
+    @property
+    def fresh_until(self) -> float:
+        """Until when entries may be served without their own freshness (see module doc)."""
+        return self._fresh_until
+
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters."""
+        live_hits = sum(e.hits for bucket in self._regions.values() for e in bucket.values())
+        return StoreStats(
+            entries=self._count,
+            hits=self._retired_hits + live_hits,
+            misses=self._misses,
+            sets=self._sets,
+            evictions=self._evictions,
+            expirations=self._expirations,
+            invalidations=self._invalidations,
+            rejected_loads=self._rejected_loads,
+            repairs=self._repairs,
+        )
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def set(
+        self,
+        key: Hashable,
+        value: object,
+        region: Region = None,
+        *,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> None:
+        """Store ``value``; a load of the same key that is in flight will not overwrite it."""
+        reservation = self._reservations.pop((region, key), None)
+        if reservation is not None:
+            reservation.cancelled = True
+        self._insert(key, value, region, self._clock(), ttl, sliding)
+
+    def _insert(
+        self,
+        key: Hashable,
+        value: object,
+        region: Region,
+        stored: float,
+        ttl: float | None,
+        sliding: float | None,
+    ) -> None:
+        now = self._clock()
+        ttl = self._ttl if ttl is None else ttl
+        sliding = self._sliding if sliding is None else sliding
+        deadline = now + self._max_age if ttl is None else now + min(ttl, self._max_age)
+        expires = deadline if not sliding else min(deadline, now + sliding)
+        entry = _Entry(key, region, value, stored, expires, deadline, sliding or 0.0)
+        bucket = self._default if region is None else self._regions.get(region)
+        if bucket is None:
+            bucket = self._regions[region] = {}
+        old = bucket.get(key)
+        bucket[key] = entry
+        if old is None:
+            self._count += 1
+        else:
+            self._retired_hits += old.hits
+        self._sets += 1
+        self._ring.append(entry)
+        self._sweep(now, 2)
+        while self._count > self._max_entries:
+            self._evict_one(now)
+        if len(self._ring) > 2 * self._count + 1024:
+            self._compact()
+
+    def _live(self, entry: _Entry) -> bool:
+        bucket = self._regions.get(entry.region)
+        return bucket is not None and bucket.get(entry.key) is entry
+
+    def _drop(self, entry: _Entry) -> None:
+        bucket = self._regions[entry.region]
+        del bucket[entry.key]
+        if not bucket and entry.region is not None:
+            del self._regions[entry.region]
+        self._count -= 1
+        self._retired_hits += entry.hits
+
+    def _evict_one(self, now: float) -> None:
+        ring = self._ring
+        while ring:
+            entry = ring.popleft()
+            if not self._live(entry):
+                continue
+            if entry.hits != entry.mark and now < entry.expires:
+                entry.mark = entry.hits  # second chance: used since the hand last passed
+                ring.append(entry)
+                continue
+            self._drop(entry)
+            if now < entry.expires:
+                self._evictions += 1
+            else:
+                self._expirations += 1
+            return
+
+    def _sweep(self, now: float, budget: int) -> None:
+        """Look at a few entries at the hand: drop dead and expired ones, so memory held by
+        expired entries is bounded by the write rate even with no size pressure."""
+        ring = self._ring
+        for _ in range(min(budget, len(ring))):
+            entry = ring[0]
+            if not self._live(entry):
+                ring.popleft()
+            elif now >= entry.expires:
+                ring.popleft()
+                self._drop(entry)
+                self._expirations += 1
+            else:
+                ring.rotate(-1)
+
+    def _compact(self) -> None:
+        self._ring = deque(e for e in self._ring if self._live(e))
+
+    def remove(self, key: Hashable, region: Region = None) -> bool:
+        """Drop one key; cancel a load of it in flight. Return whether an entry was held."""
+        reservation = self._reservations.pop((region, key), None)
+        if reservation is not None:
+            reservation.cancelled = True
+        bucket = self._regions.get(region)
+        entry = None if bucket is None else bucket.get(key)
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def clear_region(self, region: Region) -> int:
+        """Drop every key of ``region`` in O(1) (plus freeing); return how many were held."""
+        self._region_gens[region] = self._region_gens.get(region, 0) + 1
+        bucket = self._regions.pop(region, None)
+        if region is None:
+            self._default = {}
+            self._regions[None] = self._default
+        if not bucket:
+            return 0
+        self._count -= len(bucket)
+        self._retired_hits += sum(e.hits for e in bucket.values())
+        return len(bucket)
+
+    def clear(self) -> int:
+        """Drop everything and cancel every load in flight; return how many were held."""
+        held = self._count
+        self._global_gen += 1
+        self._retired_hits += sum(e.hits for b in self._regions.values() for e in b.values())
+        for reservation in self._reservations.values():
+            reservation.cancelled = True
+        self._reservations.clear()
+        self._default = {}
+        self._regions = {None: self._default}
+        self._ring = deque()
+        self._count = 0
+        return held
+
+    def count_invalidation(self) -> None:
+        """Count an invalidation applied on behalf of another instance."""
+        self._invalidations += 1
+
+    # -- the load-vs-invalidate race --------------------------------------------------------
+
+    def reserve(self, key: Hashable, region: Region = None) -> Reservation:
+        """Claim the right to store the result of a load of ``key`` that starts now."""
+        reservation = Reservation(
+            key, region, self._clock(), self._global_gen, self._region_gens.get(region, 0)
+        )
+        previous = self._reservations.get((region, key))
+        if previous is not None:
+            previous.cancelled = True
+        self._reservations[(region, key)] = reservation
+        return reservation
+
+    def is_current(self, reservation: Reservation) -> bool:
+        """Whether nothing has invalidated the reservation's key since it was taken."""
+        return (
+            not reservation.cancelled
+            and reservation.global_gen == self._global_gen
+            and reservation.region_gen == self._region_gens.get(reservation.region, 0)
+        )
+
+    def commit(
+        self,
+        reservation: Reservation,
+        value: object,
+        *,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> bool:
+        """Store a loaded value if its reservation still holds; return whether it was stored.
+
+        The entry counts as current from when the load *started*: anything the load read is
+        at least that fresh, and nothing later is known.
+        """
+        key, region = reservation.key, reservation.region
+        if self._reservations.get((region, key)) is reservation:
+            del self._reservations[(region, key)]
+        if not self.is_current(reservation):
+            self._rejected_loads += 1
+            return False
+        reservation.cancelled = True  # single use
+        self._insert(key, value, region, reservation.started, ttl, sliding)
+        return True
+
+    def release(self, reservation: Reservation) -> None:
+        """Give a reservation up (the load failed)."""
+        key, region = reservation.key, reservation.region
+        if self._reservations.get((region, key)) is reservation:
+            del self._reservations[(region, key)]
+        reservation.cancelled = True
+
+    # -- the staleness floor ----------------------------------------------------------------
+
+    def confirm(self, as_of: float) -> None:
+        """The backplane proved every invalidation published before ``as_of`` was applied."""
+        fresh_until = as_of + self._max_staleness
+        self._fresh_until = max(self._fresh_until, fresh_until)
+
+    def repair(self, as_of: float | None = None) -> int:
+        """Messages may have been lost: drop what could be stale, locally, and cancel loads in
+        flight. With ``as_of`` (a new subscription is up from then), confirm from ``as_of``.
+        Return how many entries were dropped."""
+        self._repairs += 1
+        dropped = self.clear()
+        if as_of is not None:
+            self._fresh_until = as_of + self._max_staleness
+        return dropped

@@ -1,0 +1,481 @@
+"""``NearCache``: the threaded driver over :class:`nearcache._core.CacheCore`."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeVar
+
+from nearcache._codec import Invalidation, Kind, channel_name
+from nearcache._config import RedisSettings, parse_connection_string
+from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
+from nearcache._exceptions import (
+    BackplaneError,
+    BackplaneUnavailableError,
+    CacheClosedError,
+    FlushTimeoutError,
+)
+from nearcache._outbox import Outbox
+from nearcache._store import MISSING, Reservation
+from nearcache._typing import Backplane, BackplaneState, Clock
+
+__all__ = ["CacheState", "NearCache", "normalize_secrets"]
+
+log = logging.getLogger("nearcache")
+T = TypeVar("T")
+_RETRY_MIN, _RETRY_MAX = 0.05, 2.0
+
+
+class CacheState(enum.Enum):
+    """Lifecycle of a cache."""
+
+    #: Serving reads and writes (the backplane may still be connecting).
+    OPEN = "open"
+    #: Closed: every call raises CacheClosedError.
+    CLOSED = "closed"
+
+
+def normalize_secrets(
+    secret: str | bytes | Mapping[str, str | bytes] | None,
+) -> dict[str, bytes]:
+    """Turn the ``secret=`` argument into key id → secret bytes (the first one signs)."""
+    if secret is None:
+        return {}
+    if isinstance(secret, str | bytes):
+        secret = {"k1": secret}
+    return {kid: s.encode() if isinstance(s, str) else s for kid, s in secret.items()}
+
+
+class _Flight:
+    """One load in progress for a key; concurrent callers wait on it (stampede protection)."""
+
+    __slots__ = ("done", "error", "reservation", "value")
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reservation = reservation
+        self.done = threading.Event()
+        self.value: object = MISSING
+        self.error: BaseException | None = None
+
+
+class _ClosedStore:
+    """Stands in for the store once the cache is closed: every read refuses."""
+
+    def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
+        raise CacheClosedError("the cache is closed")
+
+
+_live_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_live_caches):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python has it
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class NearCache:
+    """An in-process cache kept consistent with every other instance on the same channel.
+
+    Args:
+        connection: a StackExchange.Redis connection string
+            (``"host:6380,password=...,ssl=True,abortConnect=False"``) or a ``redis://``,
+            ``rediss://`` or ``unix://`` URL. ``None``: a plain local cache, no backplane.
+        channel: the logical channel; instances on the same Redis and channel stay in sync.
+        backplane: a ready :class:`~nearcache.Backplane` instead of ``connection``.
+        max_entries, ttl, sliding, max_age, max_staleness, heartbeat_interval, max_pending:
+            see :class:`~nearcache.CacheOptions`.
+        secret: sign and verify every message (a secret, or key id → secret for rotation).
+        abort_connect: override the connection string's ``abortConnect``: ``True`` raises
+            :class:`~nearcache.BackplaneUnavailableError` if Redis cannot be reached now.
+        clock: monotonic seconds (tests inject one).
+
+    Example::
+
+        cache = NearCache("redis://127.0.0.1:6379/0", channel="shop")
+        product = cache.get_or_set("42", lambda: db.load(42), region="products", ttl=300)
+        cache.set("42", updated, region="products")   # every other instance drops its copy
+    """
+
+    def __init__(
+        self,
+        connection: str | None = None,
+        *,
+        channel: str = "default",
+        backplane: Backplane | None = None,
+        max_entries: int = 100_000,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        max_age: float = 3600.0,
+        max_staleness: float = 2.0,
+        heartbeat_interval: float | None = None,
+        max_pending: int = 100_000,
+        secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        abort_connect: bool | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._options = CacheOptions(
+            max_entries=max_entries,
+            ttl=ttl,
+            sliding=sliding,
+            max_age=max_age,
+            max_staleness=max_staleness,
+            heartbeat_interval=heartbeat_interval,
+            max_pending=max_pending,
+            secrets=normalize_secrets(secret),
+        )
+        self._clock = clock
+        self._settings: RedisSettings | None = None
+        if connection is not None and backplane is not None:
+            raise ValueError("pass either a connection string or a backplane, not both")
+        if connection is not None:
+            self._settings = parse_connection_string(connection)
+            channel = channel_name(channel, self._settings.channel_prefix)
+        elif backplane is not None:
+            channel = backplane.channel
+        self._channel = channel
+        self._abort_connect = (
+            abort_connect
+            if abort_connect is not None
+            else (self._settings.abort_connect if self._settings else False)
+        )
+        self._backplane = backplane
+        self._state = CacheState.OPEN
+        self._init_runtime()
+        _live_caches.add(self)
+        if self._backplane is not None:
+            self._start_backplane()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _init_runtime(self) -> None:
+        """Everything that belongs to one process (rebuilt in a forked child)."""
+        networked = self._settings is not None or self._backplane is not None
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._core = CacheCore(
+            self._options, clock=self._clock, instance_id=os.urandom(16), networked=networked
+        )
+        self._store: Any = self._core.store
+        self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
+        self._sender: threading.Thread | None = None
+        self._pid = os.getpid()
+        if self._settings is not None:
+            from nearcache._redis import RedisBackplane
+
+            self._backplane = RedisBackplane(
+                self._settings,
+                self._channel,
+                clock=self._clock,
+                heartbeat=self._options.heartbeat,
+                heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
+            )
+
+    def _start_backplane(self) -> None:
+        backplane = self._backplane
+        assert backplane is not None
+        backplane.start(_Listener(self))
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"nearcache-sender:{self._channel}", daemon=True
+        )
+        self._sender.start()
+        if self._abort_connect:
+            timeout = self._settings.connect_timeout if self._settings else 5.0
+            if not backplane.wait_connected(timeout):
+                where = self._settings.describe() if self._settings else repr(backplane)
+                reason = getattr(backplane, "last_error", None) or "no answer"
+                self.close(timeout=0)
+                raise BackplaneUnavailableError(
+                    f"could not subscribe to channel {self._channel!r} on {where} within "
+                    f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
+                )
+
+    def _after_fork(self) -> None:
+        """In a forked child: own locks, id, connections and threads; keep the L1 contents
+        (they were current at the fork) until the child's first subscription repairs them."""
+        if self._state is CacheState.CLOSED:
+            return
+        store = self._core.store
+        custom = self._settings is None
+        self._init_runtime()
+        self._core.store = store
+        self._store = store
+        if self._backplane is not None and not custom:
+            self._start_backplane()
+        elif self._backplane is not None:
+            log.warning(
+                "nearcache: a custom backplane is not restarted after fork; L1 will age out"
+            )
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Deliver what is queued (waiting at most ``timeout`` seconds), then stop.
+
+        Invalidations still queued after ``timeout`` are reported in a warning log.
+        """
+        if self._state is CacheState.CLOSED:
+            return
+        if self._backplane is not None and timeout > 0:
+            try:
+                self.flush(timeout)
+            except FlushTimeoutError as exc:
+                log.warning(
+                    "nearcache: closing channel %r with %d invalidations undelivered",
+                    self._channel,
+                    exc.pending,
+                )
+        with self._cond:
+            self._state = CacheState.CLOSED
+            self._cond.notify_all()
+        if self._sender is not None and self._sender is not threading.current_thread():
+            self._sender.join(timeout=5.0)
+        if self._backplane is not None:
+            self._backplane.close()
+        with self._lock:
+            self._core.store.clear()
+            self._store = _ClosedStore()
+        _live_caches.discard(self)
+
+    def __enter__(self) -> NearCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._state is CacheState.CLOSED:
+            raise CacheClosedError(f"the cache on channel {self._channel!r} is closed")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
+        """Return the cached value of ``key`` in ``region``, or ``default`` on a miss.
+
+        Pass ``default=nearcache.MISSING`` to tell a cached ``None`` from a miss.
+        """
+        return self._store.get(key, default, region)
+
+    def get_or_set(
+        self,
+        key: Hashable,
+        factory: Callable[[], T],
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> T:
+        """Return the cached value, or call ``factory()`` once, cache and return its result.
+
+        Concurrent callers for the same key wait for one factory call (its error reaches all of
+        them and nothing is cached). A result is not cached if the key, its region or the
+        whole cache was invalidated while the factory ran: it may predate that write.
+        """
+        value = self._store.get(key, MISSING, region)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        check_key(key, region)
+        ident = (region, key)
+        with self._lock:
+            self._check_open()
+            value = self._core.store.get(key, MISSING, region)
+            if value is not MISSING:
+                return value  # type: ignore[no-any-return]
+            flight = self._flights.get(ident)
+            # Join a load only if nothing invalidated the key since it started; a caller that
+            # arrives after an invalidation must not get a value loaded before it.
+            if flight is not None and self._core.store.is_current(flight.reservation):
+                leader = False
+            else:
+                flight = _Flight(self._core.store.reserve(key, region))
+                self._flights[ident] = flight
+                leader = True
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value  # type: ignore[return-value]
+        try:
+            value = factory()
+        except BaseException as exc:
+            with self._lock:
+                self._core.store.release(flight.reservation)
+                if self._flights.get(ident) is flight:
+                    del self._flights[ident]
+            flight.error = exc
+            flight.done.set()
+            raise
+        with self._lock:
+            if self._state is CacheState.OPEN:
+                self._core.store.commit(flight.reservation, value, ttl=ttl, sliding=sliding)
+            if self._flights.get(ident) is flight:
+                del self._flights[ident]
+        flight.value = value
+        flight.done.set()
+        return value
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def set(
+        self,
+        key: Hashable,
+        value: object,
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> None:
+        """Cache ``value`` here and make every other instance drop its copy of ``key``."""
+        check_key(key, region)
+        with self._lock:
+            self._check_open()
+            if self._core.set(key, value, region, ttl, sliding):
+                self._cond.notify_all()
+
+    def remove(self, key: Hashable, *, region: str | None = None) -> None:
+        """Drop ``key`` here and on every other instance."""
+        check_key(key, region)
+        self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+
+    def clear_region(self, region: str | None) -> None:
+        """Drop every key of ``region`` here and on every other instance."""
+        check_region(region)
+        self._local(Invalidation(Kind.REGION, region))
+
+    def clear(self) -> None:
+        """Drop everything here and on every other instance."""
+        self._local(Invalidation(Kind.CLEAR))
+
+    def _local(self, op: Invalidation) -> None:
+        with self._lock:
+            self._check_open()
+            if self._core.local(op):
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Block until Redis acknowledged every invalidation made so far on this instance.
+
+        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds; the
+        invalidations stay queued and are delivered once Redis is reachable.
+        """
+        deadline = self._clock() + timeout
+        with self._cond:
+            self._check_open()
+            outbox = self._core.outbox
+            target = outbox.accepted
+            while outbox.delivered < target:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise FlushTimeoutError(
+                        f"{len(outbox)} invalidations on channel {self._channel!r} not "
+                        f"acknowledged by Redis within {timeout}s",
+                        pending=len(outbox),
+                    )
+                self._cond.wait(remaining)
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def channel(self) -> str:
+        """The channel name on the wire (``None`` for a local cache: the logical name)."""
+        return self._channel
+
+    @property
+    def state(self) -> CacheState:
+        """The cache's lifecycle state."""
+        return self._state
+
+    @property
+    def backplane_state(self) -> BackplaneState | None:
+        """The backplane's state, or ``None`` for a local cache."""
+        return None if self._backplane is None else self._backplane.state
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id on the backplane (hex)."""
+        return self._core.instance_id.hex()
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            state = "local" if self._backplane is None else self._backplane.state.value
+            return snapshot(self._core, state)
+
+    def __len__(self) -> int:
+        return len(self._core.store)
+
+    def __repr__(self) -> str:
+        where = self._settings.describe() if self._settings else "local"
+        return f"<NearCache channel={self._channel!r} on {where} {self._state.value}>"
+
+    # -- the sender thread ----------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        backplane = self._backplane
+        assert backplane is not None
+        core = self._core
+        outbox: Outbox = core.outbox
+        while True:
+            with self._cond:
+                while outbox.waiting == 0 and self._state is CacheState.OPEN:
+                    self._cond.wait()
+                if outbox.waiting == 0:
+                    return  # closed and nothing left
+                payloads = core.take_batch()
+            delay = _RETRY_MIN
+            while True:
+                try:
+                    backplane.publish(payloads)
+                    break
+                except BackplaneError as exc:
+                    with self._cond:
+                        core.stats.publish_failures += 1
+                        core.last_error = str(exc)
+                        if core.batch_superseded():
+                            payloads = []
+                            break
+                        if self._state is CacheState.CLOSED:
+                            return
+                        self._cond.wait(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+            with self._cond:
+                if payloads:
+                    core.batch_sent(payloads)
+                self._cond.notify_all()
+
+
+class _Listener:
+    """Receives the backplane's reports and applies them under the cache's lock."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: NearCache) -> None:
+        self._cache = cache
+
+    def on_message(self, payload: bytes) -> None:
+        cache = self._cache
+        with cache._lock:
+            cache._core.receive(payload)
+
+    def on_subscribed(self, as_of: float) -> None:
+        cache = self._cache
+        with cache._lock:
+            cache._core.subscribed(as_of)
+
+    def on_confirmed(self, as_of: float) -> None:
+        cache = self._cache
+        with cache._lock:
+            cache._core.confirmed(as_of)
+
+    def on_state(self, state: BackplaneState, reason: str | None) -> None:
+        if reason:
+            self._cache._core.last_error = reason
+            log.warning(
+                "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
+            )

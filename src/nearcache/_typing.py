@@ -1,0 +1,109 @@
+"""The extension points: backplanes (sync and asyncio) and what they report to a cache.
+
+A backplane moves encoded messages between the instances of one channel. It owns its
+connections and its subscription; the cache owns every decision. Two implementations ship:
+Redis Pub/Sub (``RedisBackplane`` / ``AsyncRedisBackplane``) and an in-process broker
+(``MemoryBackplane`` / ``AsyncMemoryBackplane``) that passes the same conformance tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "AsyncBackplane",
+    "Backplane",
+    "BackplaneListener",
+    "BackplaneState",
+    "Clock",
+]
+
+Clock = Callable[[], float]
+"""Seconds from a monotonic clock; ``time.monotonic`` unless a test injects one."""
+
+
+class BackplaneState(enum.Enum):
+    """Where a backplane is in its life."""
+
+    #: Created, not started.
+    IDLE = "idle"
+    #: Connecting or subscribing; L1 entries age out under the staleness rule meanwhile.
+    CONNECTING = "connecting"
+    #: Subscribed and heartbeats answered: invalidations flow.
+    CONNECTED = "connected"
+    #: Connection lost or stalled; retrying with backoff.
+    DISCONNECTED = "disconnected"
+    #: Closed for good.
+    CLOSED = "closed"
+
+
+class BackplaneListener(Protocol):
+    """What a backplane reports to its cache. Called from the backplane's listener thread or
+    task, one call at a time, in the order things happened."""
+
+    def on_message(self, payload: bytes) -> None:
+        """A message arrived on the channel (possibly the cache's own, possibly garbage)."""
+
+    def on_subscribed(self, as_of: float) -> None:
+        """A subscription is up; messages published before ``as_of`` may have been missed."""
+
+    def on_confirmed(self, as_of: float) -> None:
+        """Every message published before ``as_of`` has been passed to ``on_message``."""
+
+    def on_state(self, state: BackplaneState, reason: str | None) -> None:
+        """The backplane changed state (``reason`` says why it left CONNECTED)."""
+
+
+@runtime_checkable
+class Backplane(Protocol):
+    """A blocking backplane for :class:`nearcache.NearCache`."""
+
+    @property
+    def channel(self) -> str:
+        """The full channel name on the wire."""
+
+    @property
+    def state(self) -> BackplaneState:
+        """The current state."""
+
+    def start(self, listener: BackplaneListener) -> None:
+        """Begin connecting and subscribing in the background; return at once."""
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until subscribed (True) or ``timeout`` seconds passed (False)."""
+
+    def publish(self, payloads: Sequence[bytes]) -> int:
+        """Publish messages in order and return how many subscribers received the last one.
+
+        Blocks until Redis acknowledged them; raises ``BackplaneError`` when it could not.
+        """
+
+    def close(self) -> None:
+        """Stop listening and release every connection."""
+
+
+@runtime_checkable
+class AsyncBackplane(Protocol):
+    """An asyncio backplane for :class:`nearcache.AsyncNearCache`."""
+
+    @property
+    def channel(self) -> str:
+        """The full channel name on the wire."""
+
+    @property
+    def state(self) -> BackplaneState:
+        """The current state."""
+
+    async def start(self, listener: BackplaneListener) -> None:
+        """Begin connecting and subscribing in a background task; return at once."""
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until subscribed (True) or ``timeout`` seconds passed (False)."""
+
+    async def publish(self, payloads: Sequence[bytes]) -> int:
+        """Publish messages in order; see :meth:`Backplane.publish`."""
+
+    async def aclose(self) -> None:
+        """Stop listening and release every connection."""
