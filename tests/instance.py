@@ -163,6 +163,20 @@ class AsyncHost:
                     return time.monotonic()
                 await asyncio.sleep(0)
             return None
+        if op == "read_loop":
+            runs: list[list[Any]] = []
+            end = time.monotonic() + req["duration"]
+            while (start := time.monotonic()) < end:
+                value = await c.get_or_set(
+                    req["key"], lambda: _read_source(req["source"]), region=region
+                )
+                if runs and runs[-1][2] == value:
+                    runs[-1][1] = start
+                    runs[-1][3] += 1
+                else:
+                    runs.append([start, start, value, 1])
+                await asyncio.sleep(0)
+            return runs
         raise ValueError(f"unknown op {op!r}")
 
 
