@@ -72,7 +72,9 @@ class SyncHost:
             return _poll_gone(lambda: c.get(req["key"], MISSING, region), req.get("timeout", 5.0))
         if op == "read_loop":
             return _read_loop(
-                lambda: c.get_or_set(req["key"], lambda: _read_source(req["source"]), region=region),
+                lambda: c.get_or_set(
+                    req["key"], lambda: _read_source(req["source"]), region=region
+                ),
                 req["duration"],
             )
         raise ValueError(f"unknown op {op!r}")

@@ -179,9 +179,10 @@ def test_garbage_and_foreign_messages_are_counted_and_dropped(
     counted as malformed; the listener keeps working."""
     from nearcache._codec import HEADER, Invalidation, Kind, encode
 
-    with NearCache(redis_server.url, channel=channel) as a, NearCache(
-        redis_server.url, channel=channel
-    ) as b:
+    with (
+        NearCache(redis_server.url, channel=channel) as a,
+        NearCache(redis_server.url, channel=channel) as b,
+    ):
         wait_until(lambda: b.backplane_state.value == "connected")
         raw = redis_server.client()
         valid = encode(b"x" * 16, 1, [Invalidation(Kind.KEY, None, "k")])
@@ -216,8 +217,11 @@ def test_slow_subscriber_disconnected_by_redis_recovers(
             a.flush()
             client = server.client()
             wait_until(
-                lambda: not any(
-                    c.get("sub") == "1" for c in client.client_list()  # B was dropped
+                lambda: (
+                    not any(
+                        c.get("sub") == "1"
+                        for c in client.client_list()  # B was dropped
+                    )
                 ),
                 10,
             )
@@ -231,9 +235,10 @@ def test_publisher_connection_errors_are_retried(
 ) -> None:
     """A publish that fails on a reset connection is retried on a new one."""
     proxy = tcp_proxy(redis_server.port)
-    with NearCache(f"127.0.0.1:{proxy.port}", channel=channel) as a, NearCache(
-        redis_server.url, channel=channel
-    ) as b:
+    with (
+        NearCache(f"127.0.0.1:{proxy.port}", channel=channel) as a,
+        NearCache(redis_server.url, channel=channel) as b,
+    ):
         wait_until(lambda: a.backplane_state.value == "connected")
         wait_until(lambda: b.backplane_state.value == "connected")
         a.remove("warm")

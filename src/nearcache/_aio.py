@@ -36,11 +36,12 @@ _RETRY_MIN, _RETRY_MAX = 0.05, 2.0
 
 
 class _Flight:
-    __slots__ = ("future", "reservation")
+    __slots__ = ("future", "reservation", "waiters")
 
     def __init__(self, reservation: Reservation, future: asyncio.Future[Any]) -> None:
         self.reservation = reservation
         self.future = future
+        self.waiters = 0  # tasks waiting on this load besides the one running it
 
 
 class AsyncNearCache:
@@ -220,6 +221,7 @@ class AsyncNearCache:
         ident = (region, key)
         flight = self._flights.get(ident)
         if flight is not None and store.is_current(flight.reservation):
+            flight.waiters += 1
             return await asyncio.shield(flight.future)
         flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
         self._flights[ident] = flight

@@ -54,10 +54,11 @@ def normalize_secrets(
 class _Flight:
     """One load in progress for a key; concurrent callers wait on it (stampede protection)."""
 
-    __slots__ = ("done", "error", "reservation", "value")
+    __slots__ = ("done", "error", "reservation", "value", "waiters")
 
     def __init__(self, reservation: Reservation) -> None:
         self.reservation = reservation
+        self.waiters = 0  # callers waiting on this load besides the one running it
         self.done = threading.Event()
         self.value: object = MISSING
         self.error: BaseException | None = None
@@ -291,6 +292,7 @@ class NearCache:
             # Join a load only if nothing invalidated the key since it started; a caller that
             # arrives after an invalidation must not get a value loaded before it.
             if flight is not None and self._core.store.is_current(flight.reservation):
+                flight.waiters += 1
                 leader = False
             else:
                 flight = _Flight(self._core.store.reserve(key, region))
