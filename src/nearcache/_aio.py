@@ -73,6 +73,8 @@ class AsyncNearCache:
         max_pending: int = 100_000,
         secret: str | bytes | Mapping[str, str | bytes] | None = None,
         abort_connect: bool | None = None,
+        replay_log: int = 10_000,
+        reconcile_interval: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self._options = CacheOptions(
@@ -84,6 +86,8 @@ class AsyncNearCache:
             heartbeat_interval=heartbeat_interval,
             max_pending=max_pending,
             secrets=normalize_secrets(secret),
+            replay_log=replay_log,
+            reconcile_interval=reconcile_interval,
         )
         self._clock = clock
         self._settings: RedisSettings | None = None
@@ -100,6 +104,8 @@ class AsyncNearCache:
                 clock=clock,
                 heartbeat=self._options.heartbeat,
                 heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
+                log_length=self._options.replay_log,
+                reconcile=self._options.reconcile_interval,
             )
         elif backplane is not None:
             channel = backplane.channel
@@ -387,8 +393,11 @@ class _Listener:
     def on_message(self, payload: bytes) -> None:
         self._cache._core.receive(payload)
 
-    def on_subscribed(self, as_of: float) -> None:
-        self._cache._core.subscribed(as_of)
+    def on_subscribed(self, as_of: float, complete: bool) -> None:
+        self._cache._core.subscribed(as_of, complete)
+
+    def on_loss(self, reason: str) -> None:
+        self._cache._core.lost(reason)
 
     def on_confirmed(self, as_of: float) -> None:
         self._cache._core.confirmed(as_of)

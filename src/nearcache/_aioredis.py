@@ -1,7 +1,8 @@
-"""The Redis Pub/Sub backplane for the asyncio driver (same protocol as ``_redis``).
+"""The Redis Pub/Sub backplane for the asyncio driver: the ``_redis`` design as tasks.
 
-A listener task owns the subscriber connection, pings on it every ``heartbeat`` seconds and
-treats a missing pong as a stall; see the ``_redis`` module for why this proves delivery.
+A listener task owns the subscriber connection, pings on it every ``heartbeat`` seconds, treats
+a missing pong as a stall, replays from the log after every new subscription and reconciles
+with the log's tail; see the ``_redis`` module for why this proves delivery.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from redis.backoff import NoBackoff
 
 from nearcache._config import RedisSettings
 from nearcache._exceptions import BackplaneError
-from nearcache._heartbeat import Heartbeat, StalledError, dispatch
+from nearcache._heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._log import (
+    EPOCH_SCRIPT,
+    PUBLISH_SCRIPT,
+    Cursor,
+    EntryId,
+    parse_entries,
+    reconcile,
+)
+from nearcache._redis import REPLAY_PAGE, log_keys, new_epoch
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane"]
@@ -39,6 +49,8 @@ class AsyncRedisBackplane:
         clock: Clock,
         heartbeat: float,
         heartbeat_timeout: float,
+        log_length: int = 10_000,
+        reconcile: float = 5.0,
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -55,6 +67,12 @@ class AsyncRedisBackplane:
         self._task: asyncio.Task[None] | None = None
         self._listener: BackplaneListener | None = None
         self._closing = False
+        self._log_length = log_length
+        self._reconcile = reconcile
+        self._log_key, self._epoch_key = log_keys(channel)
+        self._publish_script = self._publisher.register_script(PUBLISH_SCRIPT)
+        self._epoch_script = self._publisher.register_script(EPOCH_SCRIPT)
+        self._cursor = Cursor()
         self.last_error: str | None = None
 
     @property
@@ -98,8 +116,19 @@ class AsyncRedisBackplane:
         return True
 
     async def publish(self, payloads: Sequence[bytes]) -> int:
-        """PUBLISH every payload in one pipelined round trip; return the last receiver count."""
+        """Log and publish every payload in one round trip; return the last receiver count."""
         try:
+            if self._log_length:
+                args: list[str | int | bytes] = [
+                    self._channel,
+                    self._log_length,
+                    new_epoch(),
+                    *payloads,
+                ]
+                result = await self._publish_script(
+                    keys=[self._log_key, self._epoch_key], args=args
+                )
+                return int(result[2])
             if len(payloads) == 1:
                 return int(await self._publisher.publish(self._channel, payloads[0]))
             async with self._publisher.pipeline(transaction=False) as pipe:
@@ -131,7 +160,7 @@ class AsyncRedisBackplane:
             pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)
             try:
                 as_of = await self._subscribe(pubsub)
-                listener.on_subscribed(as_of)
+                listener.on_subscribed(as_of, await self._resync(listener))
                 self._set_state(BackplaneState.CONNECTED)
                 delay = _RECONNECT_MIN
                 await self._listen(pubsub, listener)
@@ -160,13 +189,74 @@ class AsyncRedisBackplane:
             if message is not None and message["type"] == "subscribe":
                 return sent
 
+    async def _resync(self, listener: BackplaneListener) -> bool:
+        """After subscribing: replay from the log what was missed (see ``_redis``)."""
+        if not self._log_length:
+            return False
+        epoch = await self._epoch_script(keys=[self._epoch_key], args=[new_epoch()])
+        cursor = self._cursor
+        entries = None
+        if cursor.last is not None and cursor.epoch == epoch:
+            entries = await self._read_log(cursor.last)
+        replay = cursor.plan(epoch, entries)
+        if replay is None:
+            tail = parse_entries(await self._publisher.xrevrange(self._log_key, count=1))
+            cursor.reset(epoch, tail[0][0] if tail else None)
+            return False
+        for message in replay:
+            listener.on_message(message)
+        return True
+
+    async def _read_log(self, start: EntryId) -> list[tuple[EntryId, bytes]] | None:
+        """The log's entries from ``start`` (inclusive) to its end, or None if too many."""
+        entries: list[tuple[EntryId, bytes]] = []
+        low = str(start)
+        while True:
+            page = parse_entries(
+                await self._publisher.xrange(self._log_key, min=low, count=REPLAY_PAGE)
+            )
+            entries.extend(page)
+            if len(page) < REPLAY_PAGE:
+                return entries
+            if len(entries) > self._log_length * 2:
+                return None
+            low = "(" + str(entries[-1][0])
+
+    async def _log_tail(self) -> tuple[bytes, EntryId | None]:
+        async with self._publisher.pipeline(transaction=False) as pipe:
+            pipe.get(self._epoch_key)
+            pipe.xrevrange(self._log_key, count=1)
+            epoch, tail = await pipe.execute()
+        entries = parse_entries(tail)
+        return epoch or b"", entries[0][0] if entries else None
+
+    async def _reconcile_now(
+        self, tail: tuple[bytes, EntryId | None], listener: BackplaneListener
+    ) -> None:
+        entries: list[tuple[EntryId, bytes]] | None = None
+        if tail[1] is not None and self._cursor.last is not None and tail[1] > self._cursor.last:
+            entries = await self._read_log(self._cursor.last)
+        replay = reconcile(self._cursor, tail, lambda _start: entries)
+        if replay is None:
+            listener.on_loss("reconciliation: the log holds messages this instance never got")
+            return
+        for message in replay:
+            listener.on_message(message)
+
     async def _listen(self, pubsub: Any, listener: BackplaneListener) -> None:
         heartbeat = Heartbeat(self._heartbeat, self._heartbeat_timeout, self._clock())
+        receiver = Receiver(listener, self._cursor, heartbeat)
+        next_reconcile = self._clock() + self._reconcile
+        checking: tuple[bytes, EntryId | None] | None = None
         while True:
             now = self._clock()
             token = heartbeat.due(now)
             if token is not None:
+                if self._log_length and checking is None and now >= next_reconcile:
+                    checking = await self._log_tail()
+                    next_reconcile = now + self._reconcile
                 await pubsub.ping(token)
             message = await pubsub.get_message(timeout=heartbeat.wait(now))
-            if message is not None:
-                dispatch(message, heartbeat, listener)
+            if message is not None and receiver.handle(message) and checking is not None:
+                await self._reconcile_now(checking, listener)
+                checking = None

@@ -62,6 +62,8 @@ class CacheOptions:
         max_pending: invalidations kept while Redis is unreachable; past it they collapse
             into one clear-all sent when Redis is back.
         secrets: key id → secret for signing messages (the first one signs, all verify).
+        replay_log: messages kept in Redis for reconnecting instances to replay (0: none).
+        reconcile_interval: seconds between comparisons of the log's tail with this instance.
     """
 
     max_entries: int = 100_000
@@ -72,6 +74,8 @@ class CacheOptions:
     heartbeat_interval: float | None = None
     max_pending: int = 100_000
     secrets: Mapping[str, bytes] = field(default_factory=dict)
+    replay_log: int = 10_000
+    reconcile_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if (
@@ -92,6 +96,15 @@ class CacheOptions:
         _positive("max_age", self.max_age, allow_none=False)
         _positive("max_staleness", self.max_staleness, allow_none=False)
         _positive("heartbeat_interval", self.heartbeat_interval)
+        _positive("reconcile_interval", self.reconcile_interval, allow_none=False)
+        if (
+            isinstance(self.replay_log, bool)
+            or not isinstance(self.replay_log, int)
+            or self.replay_log < 0
+        ):
+            raise ConfigurationError(
+                f"replay_log must be an int >= 0, got {self.replay_log!r}", option="replay_log"
+            )
         if self.heartbeat_interval is not None and self.heartbeat_interval > self.max_staleness:
             raise ConfigurationError(
                 "heartbeat_interval must not exceed max_staleness", option="heartbeat_interval"
@@ -120,6 +133,8 @@ class BackplaneStats:
     malformed_messages: int = 0
     sequence_gaps: int = 0
     resubscriptions: int = 0
+    replays: int = 0
+    losses: int = 0
     publish_failures: int = 0
 
 
@@ -245,11 +260,23 @@ class CacheCore:
             self.store.count_invalidation()
         self.stats.invalidations_received += len(message.operations)
 
-    def subscribed(self, as_of: float) -> None:
-        """A new subscription is up: what was published before ``as_of`` may have been lost."""
+    def subscribed(self, as_of: float, complete: bool) -> None:
+        """A new subscription is up. ``complete``: what it missed was replayed from the log,
+        so L1 is whole and current as of ``as_of``; otherwise messages may have been lost and
+        L1 is dropped (locally: a repair is never broadcast)."""
         self.stats.resubscriptions += 1
+        if complete:
+            self.stats.replays += 1
+            self.store.confirm(as_of)
+            return
         self._senders.clear()
         self.store.repair(as_of)
+
+    def lost(self, reason: str) -> None:
+        """Messages may have been lost on a live subscription: drop L1 locally."""
+        self.stats.losses += 1
+        self.last_error = reason
+        self.store.repair()
 
     def confirmed(self, as_of: float) -> None:
         """Everything published before ``as_of`` has been applied here."""
@@ -281,6 +308,8 @@ class CacheStats:
     malformed_messages: int
     sequence_gaps: int
     resubscriptions: int
+    replays: int
+    losses: int
     publish_failures: int
     pending: int
     degraded_to_clear: int
@@ -315,6 +344,8 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         malformed_messages=bp.malformed_messages,
         sequence_gaps=bp.sequence_gaps,
         resubscriptions=bp.resubscriptions,
+        replays=bp.replays,
+        losses=bp.losses,
         publish_failures=bp.publish_failures,
         pending=len(core.outbox),
         degraded_to_clear=core.outbox.degraded,

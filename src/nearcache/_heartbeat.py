@@ -1,4 +1,4 @@
-"""Heartbeat bookkeeping of a subscriber connection, shared by both Redis backplanes.
+"""Heartbeat and message handling of a subscriber connection, shared by both Redis backplanes.
 
 The backplane PINGs on its subscriber connection. Redis answers in order with the messages it
 pushed before, so a matching pong proves that every message published before the ping was
@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nearcache._exceptions import MessageError
+from nearcache._log import Cursor, unwrap
 from nearcache._typing import BackplaneListener
 
-__all__ = ["Heartbeat", "StalledError", "dispatch"]
+__all__ = ["Heartbeat", "Receiver", "StalledError"]
 
 
 class StalledError(Exception):
@@ -56,14 +58,45 @@ class Heartbeat:
         return sent
 
 
-def dispatch(message: Mapping[str, Any], heartbeat: Heartbeat, listener: BackplaneListener) -> None:
-    """Hand one redis-py pub/sub message to the listener."""
-    kind = message["type"]
-    if kind in ("message", "smessage"):
-        listener.on_message(message["data"])
-    elif kind == "pong":
-        sent = heartbeat.pong(message["data"])
-        if sent is not None:
-            listener.on_confirmed(sent)
-    elif kind in ("unsubscribe", "sunsubscribe"):
-        raise StalledError(f"the server ended the subscription ({kind})")
+class Receiver:
+    """Turns redis-py pub/sub messages into listener calls.
+
+    Unwraps log envelopes, skips live copies of entries already replayed from the log,
+    reports an epoch change (Redis lost its log) as a loss, and matches heartbeat pongs.
+    """
+
+    def __init__(self, listener: BackplaneListener, cursor: Cursor, heartbeat: Heartbeat) -> None:
+        self._listener = listener
+        self._cursor = cursor
+        self._heartbeat = heartbeat
+
+    def handle(self, message: Mapping[str, Any]) -> bool:
+        """Handle one message; return True when it answered the outstanding heartbeat."""
+        kind = message["type"]
+        if kind in ("message", "smessage"):
+            data = message["data"]
+            try:
+                envelope = unwrap(data)
+            except MessageError:
+                envelope = None  # the cache decodes it and counts it as malformed
+            if envelope is None:
+                self._listener.on_message(data)
+                return False
+            cursor = self._cursor
+            if cursor.epoch_changed(envelope):
+                cursor.advance(envelope)
+                self._listener.on_loss("the log's epoch changed: Redis lost its data")
+                self._listener.on_message(envelope.message)
+            elif cursor.accept(envelope):
+                cursor.advance(envelope)
+                self._listener.on_message(envelope.message)
+            return False
+        if kind == "pong":
+            sent = self._heartbeat.pong(message["data"])
+            if sent is not None:
+                self._listener.on_confirmed(sent)
+                return True
+            return False
+        if kind in ("unsubscribe", "sunsubscribe"):
+            raise StalledError(f"the server ended the subscription ({kind})")
+        return False

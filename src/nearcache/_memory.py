@@ -64,7 +64,7 @@ class _MemoryBase:
     def _start(self, listener: BackplaneListener) -> None:
         self._listener = listener
         self._broker.subscribe(self._channel, listener)
-        listener.on_subscribed(-math.inf)
+        listener.on_subscribed(-math.inf, False)
         # Delivery is synchronous and lossless: everything is always confirmed.
         listener.on_confirmed(math.inf)
         self._state = BackplaneState.CONNECTED

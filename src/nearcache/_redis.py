@@ -3,16 +3,22 @@
 One listener thread owns the subscriber connection. It subscribes, then pings the server on
 that same connection every ``heartbeat`` seconds: Redis answers a PING in order with the
 messages it pushed before, so a pong proves that every message published before the PING was
-sent has been received (``on_confirmed``). A pong that does not come within ``heartbeat_timeout``
-means a silent stall: the connection is dropped and a new one subscribed. Every new
-subscription is reported with ``on_subscribed`` so the cache can repair what it may have
-missed. redis-py's own retries and silent resubscription are switched off: a lost connection
-must never go unnoticed.
+sent has been received (``on_confirmed``). A pong that does not come within
+``heartbeat_timeout`` means a silent stall: the connection is dropped and a new one subscribed.
+
+Publishing goes through the replay log (``_log``): one Lua script appends each message to a
+capped stream and publishes it. After every new subscription the listener reads the log from
+its cursor and replays what it missed, so L1 survives a reconnect; only when the log cannot
+cover the gap (trimmed past the cursor, new epoch) is L1 dropped. Every ``reconcile`` seconds
+the listener also compares the log's tail with its cursor, so a message lost while the
+subscription stayed up is found without waiting for a later one. redis-py's own retries and
+silent resubscription are switched off: a lost connection must never go unnoticed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import threading
@@ -25,13 +31,32 @@ from redis.retry import Retry
 
 from nearcache._config import RedisSettings
 from nearcache._exceptions import BackplaneError
-from nearcache._heartbeat import Heartbeat, StalledError, dispatch
+from nearcache._heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._log import (
+    EPOCH_SCRIPT,
+    PUBLISH_SCRIPT,
+    Cursor,
+    EntryId,
+    parse_entries,
+    reconcile,
+)
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
-__all__ = ["RedisBackplane", "make_client_kwargs"]
+__all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch"]
 
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 2.0
+REPLAY_PAGE = 1000
+
+
+def new_epoch() -> str:
+    """A fresh random epoch candidate (used only if Redis has none)."""
+    return os.urandom(8).hex()
+
+
+def log_keys(channel: str) -> tuple[str, str]:
+    """The replay log's stream key and epoch key of a channel."""
+    return f"{channel}:log", f"{channel}:epoch"
 
 
 def make_client_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -62,6 +87,8 @@ class RedisBackplane:
         clock: Clock,
         heartbeat: float,
         heartbeat_timeout: float,
+        log_length: int = 10_000,
+        reconcile: float = 5.0,
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -78,6 +105,12 @@ class RedisBackplane:
         self._pubsub: Any = None
         self._thread: threading.Thread | None = None
         self._listener: BackplaneListener | None = None
+        self._log_length = log_length
+        self._reconcile = reconcile
+        self._log_key, self._epoch_key = log_keys(channel)
+        self._publish_script = self._publisher.register_script(PUBLISH_SCRIPT)
+        self._epoch_script = self._publisher.register_script(EPOCH_SCRIPT)
+        self._cursor = Cursor()
         self.last_error: str | None = None
 
     @property
@@ -116,8 +149,17 @@ class RedisBackplane:
         return self._connected.wait(timeout)
 
     def publish(self, payloads: Sequence[bytes]) -> int:
-        """PUBLISH every payload in one pipelined round trip; return the last receiver count."""
+        """Log and publish every payload in one round trip; return the last receiver count."""
         try:
+            if self._log_length:
+                args: list[str | int | bytes] = [
+                    self._channel,
+                    self._log_length,
+                    new_epoch(),
+                    *payloads,
+                ]
+                result = self._publish_script(keys=[self._log_key, self._epoch_key], args=args)
+                return int(result[2])
             if len(payloads) == 1:
                 return int(self._publisher.publish(self._channel, payloads[0]))
             with self._publisher.pipeline(transaction=False) as pipe:
@@ -162,7 +204,7 @@ class RedisBackplane:
             self._pubsub = pubsub
             try:
                 as_of = self._subscribe(pubsub)
-                listener.on_subscribed(as_of)
+                listener.on_subscribed(as_of, self._resync(listener))
                 self._set_state(BackplaneState.CONNECTED)
                 delay = _RECONNECT_MIN
                 self._listen(pubsub, listener)
@@ -194,13 +236,76 @@ class RedisBackplane:
             if message is not None and message["type"] == "subscribe":
                 return sent
 
+    # -- the replay log -------------------------------------------------------------------
+
+    def _resync(self, listener: BackplaneListener) -> bool:
+        """After subscribing: replay from the log what was missed. Return whether that made
+        L1 whole (False: the cache must drop it, and the cursor restarts at the log's end)."""
+        if not self._log_length:
+            return False
+        client = self._publisher
+        epoch = self._epoch_script(keys=[self._epoch_key], args=[new_epoch()])
+        entries = None
+        cursor = self._cursor
+        if cursor.last is not None and cursor.epoch == epoch:
+            entries = self._read_log(cursor.last)
+        replay = cursor.plan(epoch, entries)
+        if replay is None:
+            tail = parse_entries(client.xrevrange(self._log_key, count=1))
+            cursor.reset(epoch, tail[0][0] if tail else None)
+            return False
+        for message in replay:
+            listener.on_message(message)
+        return True
+
+    def _read_log(self, start: EntryId) -> list[tuple[EntryId, bytes]] | None:
+        """The log's entries from ``start`` (inclusive) to its end, or None if too many."""
+        entries: list[tuple[EntryId, bytes]] = []
+        low = str(start)
+        while True:
+            page = parse_entries(self._publisher.xrange(self._log_key, min=low, count=REPLAY_PAGE))
+            entries.extend(page)
+            if len(page) < REPLAY_PAGE:
+                return entries
+            if len(entries) > self._log_length * 2:
+                return None
+            low = "(" + str(entries[-1][0])
+
+    def _log_tail(self) -> tuple[bytes, EntryId | None]:
+        """The log's epoch and last entry id, read on the command connection."""
+        with self._publisher.pipeline(transaction=False) as pipe:
+            pipe.get(self._epoch_key)
+            pipe.xrevrange(self._log_key, count=1)
+            epoch, tail = pipe.execute()
+        entries = parse_entries(tail)
+        return epoch or b"", entries[0][0] if entries else None
+
+    def _reconcile_now(
+        self, tail: tuple[bytes, EntryId | None], listener: BackplaneListener
+    ) -> None:
+        """A pong proved that everything published before the tail was read has arrived: if
+        the cursor is still behind the tail, messages were lost on a live subscription."""
+        replay = reconcile(self._cursor, tail, self._read_log)
+        if replay is None:
+            listener.on_loss("reconciliation: the log holds messages this instance never got")
+            return
+        for message in replay:
+            listener.on_message(message)
+
     def _listen(self, pubsub: Any, listener: BackplaneListener) -> None:
         heartbeat = Heartbeat(self._heartbeat, self._heartbeat_timeout, self._clock())
+        receiver = Receiver(listener, self._cursor, heartbeat)
+        next_reconcile = self._clock() + self._reconcile
+        checking: tuple[bytes, EntryId | None] | None = None
         while not self._closing.is_set():
             now = self._clock()
             token = heartbeat.due(now)
             if token is not None:
+                if self._log_length and checking is None and now >= next_reconcile:
+                    checking = self._log_tail()
+                    next_reconcile = now + self._reconcile
                 pubsub.ping(token)
             message = pubsub.get_message(timeout=heartbeat.wait(now))
-            if message is not None:
-                dispatch(message, heartbeat, listener)
+            if message is not None and receiver.handle(message) and checking is not None:
+                self._reconcile_now(checking, listener)
+                checking = None

@@ -95,6 +95,10 @@ class NearCache:
         max_entries, ttl, sliding, max_age, max_staleness, heartbeat_interval, max_pending:
             see :class:`~nearcache.CacheOptions`.
         secret: sign and verify every message (a secret, or key id → secret for rotation).
+        replay_log: length of the Redis log of recent messages that a reconnecting instance
+            replays instead of dropping L1 (0: no log, every reconnect drops L1).
+        reconcile_interval: seconds between checks of the log's tail against what this
+            instance received (finds a lost last message without waiting for a later one).
         abort_connect: override the connection string's ``abortConnect``: ``True`` raises
             :class:`~nearcache.BackplaneUnavailableError` if Redis cannot be reached now.
         clock: monotonic seconds (tests inject one).
@@ -121,6 +125,8 @@ class NearCache:
         max_pending: int = 100_000,
         secret: str | bytes | Mapping[str, str | bytes] | None = None,
         abort_connect: bool | None = None,
+        replay_log: int = 10_000,
+        reconcile_interval: float = 5.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self._options = CacheOptions(
@@ -132,6 +138,8 @@ class NearCache:
             heartbeat_interval=heartbeat_interval,
             max_pending=max_pending,
             secrets=normalize_secrets(secret),
+            replay_log=replay_log,
+            reconcile_interval=reconcile_interval,
         )
         self._clock = clock
         self._settings: RedisSettings | None = None
@@ -178,6 +186,8 @@ class NearCache:
                 clock=self._clock,
                 heartbeat=self._options.heartbeat,
                 heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
+                log_length=self._options.replay_log,
+                reconcile=self._options.reconcile_interval,
             )
 
     def _start_backplane(self) -> None:
@@ -465,10 +475,15 @@ class _Listener:
         with cache._lock:
             cache._core.receive(payload)
 
-    def on_subscribed(self, as_of: float) -> None:
+    def on_subscribed(self, as_of: float, complete: bool) -> None:
         cache = self._cache
         with cache._lock:
-            cache._core.subscribed(as_of)
+            cache._core.subscribed(as_of, complete)
+
+    def on_loss(self, reason: str) -> None:
+        cache = self._cache
+        with cache._lock:
+            cache._core.lost(reason)
 
     def on_confirmed(self, as_of: float) -> None:
         cache = self._cache

@@ -46,8 +46,13 @@ class BackplaneListener(Protocol):
     def on_message(self, payload: bytes) -> None:
         """A message arrived on the channel (possibly the cache's own, possibly garbage)."""
 
-    def on_subscribed(self, as_of: float) -> None:
-        """A subscription is up; messages published before ``as_of`` may have been missed."""
+    def on_subscribed(self, as_of: float, complete: bool) -> None:
+        """A subscription is up since ``as_of``. ``complete``: every message published before
+        ``as_of`` that this cache had not seen was replayed through ``on_message`` (from the
+        log); otherwise some may have been lost and the cache must repair."""
+
+    def on_loss(self, reason: str) -> None:
+        """Messages may have been lost although the subscription stayed up."""
 
     def on_confirmed(self, as_of: float) -> None:
         """Every message published before ``as_of`` has been passed to ``on_message``."""

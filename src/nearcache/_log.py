@@ -1,0 +1,200 @@
+"""The replay log: where a subscriber is in Redis's record of recent invalidations.
+
+Publishers do not PUBLISH directly: one Lua script appends each message to a capped Redis
+stream (``XADD ... MAXLEN ~ N``, ids from Redis's own clock) and publishes it wrapped in an
+*envelope* that carries the log's epoch and the entry id. Because both happen in one script,
+the log and the channel carry the same messages in the same order.
+
+A subscriber remembers the epoch and the id of the last entry it applied (the cursor). After a
+new subscription it reads the log from the cursor: if the cursor's own entry is still there and
+the epoch is unchanged, replaying the entries after it makes L1 whole again — no wipe. If the
+log was trimmed past the cursor or the epoch changed (Redis lost its data: restart without
+persistence, FLUSHALL), it cannot know what it missed and L1 is dropped instead.
+
+Envelope (see docs/protocol.md)::
+
+    b"NL" | epoch length (1 byte) | epoch (ASCII) | id length (1 byte) | id (ASCII "ms-seq")
+          | message (the ``_codec`` format)
+
+No I/O here: the backplanes read the log and call these decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from nearcache._exceptions import MessageError
+
+__all__ = [
+    "ENVELOPE_MAGIC",
+    "EPOCH_SCRIPT",
+    "PUBLISH_SCRIPT",
+    "Cursor",
+    "EntryId",
+    "Envelope",
+    "parse_entries",
+    "parse_id",
+    "reconcile",
+    "unwrap",
+]
+
+ENVELOPE_MAGIC = b"NL"
+
+# KEYS[1] log stream, KEYS[2] epoch key. ARGV[1] channel, ARGV[2] max log length,
+# ARGV[3] a fresh random epoch to use if none exists, ARGV[4...] messages.
+# Returns {epoch, last id, receivers of the last publish}.
+PUBLISH_SCRIPT = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  redis.call('SET', KEYS[2], ARGV[3])
+  epoch = ARGV[3]
+end
+local head = 'NL' .. string.char(#epoch) .. epoch
+local id, receivers = '', 0
+for i = 4, #ARGV do
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[i])
+  receivers = redis.call('PUBLISH', ARGV[1], head .. string.char(#id) .. id .. ARGV[i])
+end
+return {epoch, id, receivers}
+"""
+
+# KEYS[1] epoch key. ARGV[1] a fresh random epoch to use if none exists. Returns the epoch.
+EPOCH_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[1])
+  epoch = ARGV[1]
+end
+return epoch
+"""
+
+
+class EntryId(NamedTuple):
+    """A stream entry id: Redis server milliseconds and a sequence within them."""
+
+    ms: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO = EntryId(0, 0)
+
+
+def parse_id(raw: bytes | str) -> EntryId:
+    """Parse ``b"1700000000000-3"``; raise MessageError if malformed."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    ms, sep, seq = text.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        raise MessageError(f"malformed log entry id {text[:40]!r}")
+    return EntryId(int(ms), int(seq))
+
+
+class Envelope(NamedTuple):
+    """A message as published through the log."""
+
+    epoch: bytes
+    entry: EntryId
+    message: bytes
+
+
+def unwrap(data: bytes) -> Envelope | None:
+    """The envelope of a logged message, or None for a bare message (published without the
+    log, e.g. by an older tool). Raise MessageError if an envelope is malformed."""
+    if not data.startswith(ENVELOPE_MAGIC):
+        return None
+    try:
+        pos = 2
+        epoch_len = data[pos]
+        epoch = bytes(data[pos + 1 : pos + 1 + epoch_len])
+        pos += 1 + epoch_len
+        id_len = data[pos]
+        entry = parse_id(bytes(data[pos + 1 : pos + 1 + id_len]))
+        pos += 1 + id_len
+    except IndexError:
+        raise MessageError("truncated envelope") from None
+    if len(epoch) != epoch_len or not epoch:
+        raise MessageError("truncated envelope epoch")
+    return Envelope(epoch, entry, bytes(data[pos:]))
+
+
+class Cursor:
+    """The subscriber's position in the log: epoch and last applied entry."""
+
+    def __init__(self) -> None:
+        self.epoch: bytes | None = None
+        self.last: EntryId | None = None
+
+    def accept(self, envelope: Envelope) -> bool:
+        """Whether a live envelope should be applied: False for an entry already applied
+        (replayed before the live copy arrived). An epoch change moves the cursor to the new
+        epoch; the caller must then repair (see :meth:`epoch_changed`)."""
+        if envelope.epoch != self.epoch:
+            return True
+        return self.last is None or envelope.entry > self.last
+
+    def epoch_changed(self, envelope: Envelope) -> bool:
+        """Whether this envelope reveals that Redis lost its log (a new epoch)."""
+        return self.epoch is not None and envelope.epoch != self.epoch
+
+    def advance(self, envelope: Envelope) -> None:
+        """Record that ``envelope`` was applied."""
+        if envelope.epoch != self.epoch:
+            self.epoch, self.last = envelope.epoch, envelope.entry
+        elif self.last is None or envelope.entry > self.last:
+            self.last = envelope.entry
+
+    def plan(
+        self, epoch: bytes, entries: Sequence[tuple[EntryId, bytes]] | None
+    ) -> list[bytes] | None:
+        """Decide the repair after a new subscription.
+
+        ``entries`` are the log's entries from the cursor (inclusive) onwards, or None when the
+        log was not read (no cursor). Return the messages to replay when the log covers every
+        entry after the cursor, or None when L1 must be dropped instead.
+        """
+        if self.epoch is None or self.last is None or epoch != self.epoch or entries is None:
+            return None
+        if not entries or entries[0][0] != self.last:
+            return None  # the cursor's own entry is gone: trimmed past it, or a lost tail
+        replay = [message for entry, message in entries[1:]]
+        self.last = entries[-1][0]
+        return replay
+
+    def reset(self, epoch: bytes, last: EntryId | None) -> None:
+        """Start over at the log's current end (after L1 was dropped)."""
+        self.epoch = epoch
+        self.last = last
+
+
+def reconcile(
+    cursor: Cursor,
+    tail: tuple[bytes, EntryId | None],
+    read_log: Callable[[EntryId], Sequence[tuple[EntryId, bytes]] | None],
+) -> list[bytes] | None:
+    """Compare the log's tail (read before a heartbeat whose pong has now arrived) with the
+    cursor. Return the messages to replay (usually none), or None when the loss cannot be
+    repaired from the log and L1 must be dropped; the cursor is moved either way."""
+    epoch, last = tail
+    if epoch != cursor.epoch:
+        if cursor.epoch is None:
+            cursor.reset(epoch, last)
+            return []
+        cursor.reset(epoch, last)
+        return None
+    if last is None or (cursor.last is not None and last <= cursor.last):
+        return []
+    if cursor.last is None:
+        cursor.reset(epoch, last)
+        return None
+    replay = cursor.plan(epoch, read_log(cursor.last))
+    if replay is None:
+        cursor.reset(epoch, last)
+    return replay
+
+
+def parse_entries(page: Any) -> list[tuple[EntryId, bytes]]:
+    """Entries of an XRANGE/XREVRANGE reply as (id, message)."""
+    return [(parse_id(eid), bytes(fields[b"m"])) for eid, fields in page or ()]
