@@ -32,7 +32,7 @@ __all__ = ["AsyncNearCache"]
 
 log = logging.getLogger("nearcache")
 T = TypeVar("T")
-_RETRY_MIN, _RETRY_MAX = 0.05, 2.0
+_RETRY_MIN, _RETRY_MAX = 0.05, 1.0
 
 
 class _Flight:

@@ -35,7 +35,7 @@ from nearcache._typing import BackplaneListener, BackplaneState, Clock
 __all__ = ["AsyncRedisBackplane"]
 
 _RECONNECT_MIN = 0.05
-_RECONNECT_MAX = 2.0
+_RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
 
 
 class AsyncRedisBackplane:
