@@ -1,0 +1,154 @@
+"""The replay log's decisions (no Redis): envelopes, the cursor, the resync plan, reconcile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nearcache._exceptions import MessageError
+from nearcache._heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._log import Cursor, EntryId, Envelope, parse_id, reconcile, unwrap
+from nearcache._typing import BackplaneState
+
+
+def envelope(epoch: bytes, entry: str, message: bytes = b"NC-message") -> bytes:
+    return b"NL" + bytes([len(epoch)]) + epoch + bytes([len(entry)]) + entry.encode() + message
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_message(self, payload: bytes) -> None:
+        self.events.append(("message", payload))
+
+    def on_subscribed(self, as_of: float, complete: bool) -> None:
+        self.events.append(("subscribed", complete))
+
+    def on_confirmed(self, as_of: float) -> None:
+        self.events.append(("confirmed", as_of))
+
+    def on_loss(self, reason: str) -> None:
+        self.events.append(("loss", reason))
+
+    def on_state(self, state: BackplaneState, reason: str | None) -> None:
+        self.events.append(("state", state))
+
+
+def test_unwrap_reads_an_envelope_and_passes_bare_messages() -> None:
+    """An envelope yields epoch, entry id and message; a bare message yields None."""
+    assert unwrap(envelope(b"e1", "17-3", b"NCxyz")) == Envelope(b"e1", EntryId(17, 3), b"NCxyz")
+    assert unwrap(b"NCxyz") is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_unwrap_raises_only_message_error(data: bytes) -> None:
+    """Arbitrary bytes after the envelope magic never raise anything but MessageError."""
+    try:
+        unwrap(b"NL" + data)
+    except MessageError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_the_receiver_survives_any_payload(data: bytes) -> None:
+    """Whatever arrives on the channel, the receiver hands it on or drops it; it never raises."""
+    listener = Recorder()
+    receiver = Receiver(listener, Cursor(), Heartbeat(1.0, 2.0, 0.0))
+    for payload in (data, b"NL" + data):
+        receiver.handle({"type": "message", "channel": b"c", "data": payload, "pattern": None})
+
+
+def test_parse_id_rejects_garbage() -> None:
+    """Entry ids are 'ms-seq' with digits only."""
+    assert parse_id(b"1700000000000-12") == EntryId(1700000000000, 12)
+    for bad in (b"", b"12", b"a-1", b"1-", b"-1", b"1-2-3"):
+        with pytest.raises(MessageError):
+            parse_id(bad)
+
+
+def test_live_copies_of_replayed_entries_are_skipped() -> None:
+    """After a replay up to entry 5, the live copies of entries up to 5 are not applied twice."""
+    listener = Recorder()
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0))
+    receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
+    for entry in ("4-0", "5-0", "6-0"):
+        receiver.handle({"type": "message", "data": envelope(b"e", entry, entry.encode())})
+    assert listener.events == [("message", b"6-0")]
+    assert cursor.last == EntryId(6, 0)
+
+
+def test_a_new_epoch_on_a_live_message_is_a_loss() -> None:
+    """A message from a new epoch means Redis lost its log: report a loss, then apply it."""
+    listener = Recorder()
+    cursor = Cursor()
+    cursor.reset(b"old", EntryId(5, 0))
+    receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
+    receiver.handle({"type": "message", "data": envelope(b"new", "1-0", b"m")})
+    assert [kind for kind, _ in listener.events] == ["loss", "message"]
+    assert (cursor.epoch, cursor.last) == (b"new", EntryId(1, 0))
+
+
+def test_the_receiver_matches_pongs_and_raises_on_unsubscribe() -> None:
+    """Only the pong of the outstanding ping confirms; an unsubscribe is a stall."""
+    listener = Recorder()
+    heartbeat = Heartbeat(1.0, 2.0, 10.0)
+    receiver = Receiver(listener, Cursor(), heartbeat)
+    token = heartbeat.due(10.0)
+    assert token is not None
+    assert not receiver.handle({"type": "pong", "data": b"other"})
+    assert receiver.handle({"type": "pong", "data": token.encode()})
+    assert listener.events == [("confirmed", 10.0)]
+    with pytest.raises(StalledError):
+        receiver.handle({"type": "unsubscribe", "data": 0})
+
+
+def test_plan_replays_when_the_log_covers_the_cursor() -> None:
+    """If the cursor's entry is still the first one read, the entries after it are replayed."""
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0))
+    entries = [(EntryId(5, 0), b"a"), (EntryId(6, 0), b"b"), (EntryId(7, 1), b"c")]
+    assert cursor.plan(b"e", entries) == [b"b", b"c"]
+    assert cursor.last == EntryId(7, 1)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "entries"),
+    [
+        (b"other", [(EntryId(5, 0), b"a")]),  # Redis lost its data
+        (b"e", [(EntryId(6, 0), b"b")]),  # trimmed past the cursor
+        (b"e", []),  # the log is gone or lost its tail
+        (b"e", None),  # too long to replay
+    ],
+)
+def test_plan_gives_up_when_the_log_cannot_cover_the_gap(
+    epoch: bytes, entries: list[tuple[EntryId, bytes]] | None
+) -> None:
+    """A new epoch, a trimmed log, an empty log or an oversized gap means L1 must be dropped."""
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0))
+    assert cursor.plan(epoch, entries) is None
+
+
+def test_plan_without_a_cursor_gives_up() -> None:
+    """A first subscription has nothing to replay from."""
+    assert Cursor().plan(b"e", []) is None
+
+
+def test_reconcile() -> None:
+    """Reconciliation replays what the log has past the cursor, accepts a tail at or behind
+    the cursor, and reports a loss on a new epoch."""
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0))
+    assert reconcile(cursor, (b"e", EntryId(5, 0)), lambda _: pytest.fail("no read")) == []
+    log = [(EntryId(5, 0), b"a"), (EntryId(9, 0), b"lost")]
+    assert reconcile(cursor, (b"e", EntryId(9, 0)), lambda _: log) == [b"lost"]
+    assert cursor.last == EntryId(9, 0)
+    assert reconcile(cursor, (b"x", EntryId(1, 0)), lambda _: []) is None
+    assert (cursor.epoch, cursor.last) == (b"x", EntryId(1, 0))
