@@ -58,6 +58,7 @@ _KEY_HEAD = struct.Struct(">BI")
 _DEFAULT_REGION = 0xFFFF
 _KEY_STR, _KEY_BYTES, _KEY_INT = 1, 2, 3
 _MAC_SIZE = 32
+_MAX_INT_KEY_CHARS = 4000
 
 Key = str | bytes | int
 Region = str | None
@@ -115,6 +116,8 @@ def _encode_key(out: bytearray, key: Key) -> None:
         kind, raw = _KEY_BYTES, key
     else:
         kind, raw = _KEY_INT, str(int(key)).encode()
+        if len(raw) > _MAX_INT_KEY_CHARS:
+            raise ValueError(f"int key too long ({len(raw)} characters, at most 4000)")
     out += _KEY_HEAD.pack(kind, len(raw))
     out += raw
 
@@ -254,7 +257,7 @@ def _decode_key(data: bytes, pos: int, end: int) -> tuple[Key, int]:
         text = raw.decode("ascii")
         if not text or not (text.isdigit() or (text[0] == "-" and text[1:].isdigit())):
             raise MessageError(f"malformed int key at byte {pos - length}")
-        if len(text) > 4000:
+        if len(text) > _MAX_INT_KEY_CHARS:
             raise MessageError("int key too long")
         return int(text), pos
     raise MessageError(f"unknown key type 0x{kind:02x}")

@@ -18,14 +18,25 @@ from nearcache._store import L1Store
 
 __all__ = ["BackplaneStats", "CacheCore", "CacheOptions", "check_key", "check_region"]
 
-_KEY_TYPES = (str, bytes, int)
 MESSAGE_MAX_OPS = 256  # operations per message: a few KiB, one TCP segment or a handful
 BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messages)
 
 
+MAX_INT_KEY_BITS = 13_000  # at most 3,914 decimal digits: well inside the wire format's 4,000
+
+
 def check_key(key: object, region: object) -> None:
-    """Raise ``TypeError`` unless ``key`` and ``region`` can travel on the backplane."""
-    if not isinstance(key, _KEY_TYPES):
+    """Raise ``TypeError`` or ``ValueError`` unless ``key`` and ``region`` can travel on the
+    backplane (str, bytes or int keys; str or None regions; encodable, within limits)."""
+    if isinstance(key, str):
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"key {key!r} is not valid Unicode (lone surrogate)") from None
+    elif isinstance(key, int):
+        if key.bit_length() > MAX_INT_KEY_BITS:
+            raise ValueError(f"int key too large ({key.bit_length()} bits, at most 13,000)")
+    elif not isinstance(key, bytes):
         raise TypeError(
             f"nearcache keys are str, bytes or int; got {type(key).__name__} (region {region!r})"
         )
@@ -33,9 +44,18 @@ def check_key(key: object, region: object) -> None:
 
 
 def check_region(region: object) -> None:
-    """Raise ``TypeError`` unless ``region`` is a str or None."""
-    if region is not None and not isinstance(region, str):
+    """Raise ``TypeError`` or ``ValueError`` unless ``region`` is None or an encodable str of
+    at most 65,534 UTF-8 bytes."""
+    if region is None:
+        return
+    if not isinstance(region, str):
         raise TypeError(f"nearcache regions are str or None; got {type(region).__name__}")
+    try:
+        size = len(region.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"region {region!r} is not valid Unicode (lone surrogate)") from None
+    if size > 65_534:
+        raise ValueError(f"region name too long ({size} bytes, at most 65,534)")
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -109,11 +129,17 @@ class CacheOptions:
             raise ConfigurationError(
                 "heartbeat_interval must not exceed max_staleness", option="heartbeat_interval"
             )
+        problem = "secrets must map key ids (str, 1-255 bytes) to non-empty bytes secrets"
+        if not isinstance(self.secrets, Mapping):
+            raise ConfigurationError(problem, option="secrets")
         for key_id, secret in self.secrets.items():
-            if not key_id or len(key_id.encode()) > 255 or not isinstance(secret, bytes):
-                raise ConfigurationError(
-                    "secrets maps key ids (1-255 bytes) to bytes secrets", option="secrets"
-                )
+            if (
+                not isinstance(key_id, str)
+                or not 1 <= len(key_id.encode(errors="replace")) <= 255
+                or not isinstance(secret, bytes)
+                or not secret
+            ):
+                raise ConfigurationError(problem, option="secrets")
 
     @property
     def heartbeat(self) -> float:
@@ -212,11 +238,19 @@ class CacheCore:
         ops = self.outbox.take(BATCH_MAX_OPS)
         self._batch_first_sequence = self._sequence + 1
         payloads = []
-        for chunk in split(ops, MESSAGE_MAX_OPS):
-            self._sequence += 1
-            payloads.append(
-                encode(self.instance_id, self._sequence, chunk, signing_key=self._signing)
-            )
+        try:
+            for chunk in split(ops, MESSAGE_MAX_OPS):
+                self._sequence += 1
+                payloads.append(
+                    encode(self.instance_id, self._sequence, chunk, signing_key=self._signing)
+                )
+        except (ValueError, UnicodeError) as exc:
+            # check_key keeps this from happening; should it anyway, a clear is the safe
+            # substitute: the batch is never silently lost and the sender never wedges.
+            self.last_error = f"could not encode a batch, sent a clear instead: {exc}"
+            self._sequence = self._batch_first_sequence
+            clear = [Invalidation(Kind.CLEAR)]
+            payloads = [encode(self.instance_id, self._sequence, clear, signing_key=self._signing)]
         return payloads
 
     def batch_sent(self, payloads: list[bytes]) -> None:
@@ -230,7 +264,7 @@ class CacheCore:
         are reused, so receivers see no gap) and return True."""
         if not self.outbox.superseded:
             return False
-        self.outbox.commit()
+        self.outbox.drop_in_flight()
         self._sequence = self._batch_first_sequence - 1
         return True
 
@@ -276,6 +310,7 @@ class CacheCore:
         """Messages may have been lost on a live subscription: drop L1 locally."""
         self.stats.losses += 1
         self.last_error = reason
+        self._senders.clear()  # the repair covers whatever gap the next messages show
         self.store.repair()
 
     def confirmed(self, as_of: float) -> None:

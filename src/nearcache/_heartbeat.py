@@ -52,7 +52,8 @@ class Heartbeat:
 
     def pong(self, data: object) -> float | None:
         """When the answered ping was sent, if ``data`` answers the outstanding one."""
-        if self._sent is None or data != str(self._token).encode():
+        token = str(self._token)
+        if self._sent is None or data not in (token, token.encode()):
             return None
         sent, self._sent = self._sent, None
         return sent

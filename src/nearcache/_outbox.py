@@ -77,6 +77,9 @@ class Outbox:
                 return seq
             self.degraded += 1
             op = Invalidation(Kind.CLEAR)
+        elif op.kind is Kind.REGION and self.waiting >= self._max_pending:
+            self.degraded += 1
+            op = Invalidation(Kind.CLEAR)
         if op.kind is Kind.CLEAR and self.waiting:
             # Everything waiting is superseded; the clear takes over the earliest sequence it
             # replaces so that ``delivered`` never runs ahead of it.
@@ -110,6 +113,18 @@ class Outbox:
         if self._in_flight == 0 or self._in_flight >= len(self._queue):
             return False
         return self._queue[self._in_flight][1].kind is Kind.CLEAR
+
+    def drop_in_flight(self) -> None:
+        """Drop the batch in flight without sending it, because a clear waits right behind it
+        (see :attr:`superseded`). The clear takes over the batch's first sequence number, so
+        ``delivered`` does not count the dropped batch as acknowledged."""
+        assert self.superseded
+        first = self._queue[0][0]
+        for _ in range(self._in_flight):
+            self._queue.popleft()
+        self._in_flight = 0
+        _, clear = self._queue.popleft()
+        self._queue.appendleft((first, clear))
 
     def commit(self) -> None:
         """The batch in flight was acknowledged by the backplane."""

@@ -44,6 +44,7 @@ MISSING: Final = _Missing()
 """Returned by ``get(key, MISSING)`` on a miss, so that ``None`` can be cached."""
 
 Region = str | None
+_LOOKAHEAD = 8
 
 
 class _Entry:
@@ -87,16 +88,12 @@ class Reservation:
     cancels it, so a value loaded before a write never overwrites the write's invalidation.
     """
 
-    __slots__ = ("cancelled", "global_gen", "key", "region", "region_gen", "started")
+    __slots__ = ("cancelled", "key", "region", "started")
 
-    def __init__(
-        self, key: Hashable, region: Region, started: float, global_gen: int, region_gen: int
-    ) -> None:
+    def __init__(self, key: Hashable, region: Region, started: float) -> None:
         self.key = key
         self.region = region
         self.started = started
-        self.global_gen = global_gen
-        self.region_gen = region_gen
         self.cancelled = False
 
 
@@ -151,8 +148,6 @@ class L1Store:
         self._count = 0
         # Local caches never go stale; a backplane cache starts unconfirmed.
         self._fresh_until = math.inf if max_staleness == math.inf else -math.inf
-        self._global_gen = 0
-        self._region_gens: dict[Region, int] = {}
         self._reservations: dict[tuple[Region, Hashable], Reservation] = {}
         self._retired_hits = 0
         self._misses = 0
@@ -255,16 +250,18 @@ class L1Store:
         if bucket is None:
             bucket = self._regions[region] = {}
         old = bucket.get(key)
-        bucket[key] = entry
         if old is None:
+            self._sweep(now, 2)
+            # Make room before inserting, so the new entry is never its own victim.
+            while self._count >= self._max_entries:
+                self._evict_one(now)
+            bucket = self._default if region is None else self._regions.setdefault(region, {})
             self._count += 1
         else:
             self._retired_hits += old.hits
+        bucket[key] = entry
         self._sets += 1
         self._ring.append(entry)
-        self._sweep(now, 2)
-        while self._count > self._max_entries:
-            self._evict_one(now)
         if len(self._ring) > 2 * self._count + 1024:
             self._compact()
 
@@ -282,6 +279,15 @@ class L1Store:
 
     def _evict_one(self, now: float) -> None:
         ring = self._ring
+        # An expired entry near the hand goes before any live one (a short look-ahead keeps
+        # this O(1); the sweep frees the rest of the expired entries over time).
+        for i in range(min(_LOOKAHEAD, len(ring))):
+            entry = ring[i]
+            if now >= entry.expires and self._live(entry):
+                del ring[i]
+                self._drop(entry)
+                self._expirations += 1
+                return
         while ring:
             entry = ring.popleft()
             if not self._live(entry):
@@ -298,8 +304,9 @@ class L1Store:
             return
 
     def _sweep(self, now: float, budget: int) -> None:
-        """Look at a few entries at the hand: drop dead and expired ones, so memory held by
-        expired entries is bounded by the write rate even with no size pressure."""
+        """Drop dead and expired entries at the hand (the oldest), so that expired entries do
+        not pile up with no size pressure. It stops at the first live one: moving entries past
+        the hand without a pass of the eviction policy would skew it."""
         ring = self._ring
         for _ in range(min(budget, len(ring))):
             entry = ring[0]
@@ -310,7 +317,7 @@ class L1Store:
                 self._drop(entry)
                 self._expirations += 1
             else:
-                ring.rotate(-1)
+                return
 
     def _compact(self) -> None:
         self._ring = deque(e for e in self._ring if self._live(e))
@@ -329,7 +336,10 @@ class L1Store:
 
     def clear_region(self, region: Region) -> int:
         """Drop every key of ``region`` in O(1) (plus freeing); return how many were held."""
-        self._region_gens[region] = self._region_gens.get(region, 0) + 1
+        # Cancel the loads in flight in this region (few: one per key being loaded).
+        doomed = [ident for ident in self._reservations if ident[0] == region]
+        for ident in doomed:
+            self._reservations.pop(ident).cancelled = True
         bucket = self._regions.pop(region, None)
         if region is None:
             self._default = {}
@@ -343,7 +353,6 @@ class L1Store:
     def clear(self) -> int:
         """Drop everything and cancel every load in flight; return how many were held."""
         held = self._count
-        self._global_gen += 1
         self._retired_hits += sum(e.hits for b in self._regions.values() for e in b.values())
         for reservation in self._reservations.values():
             reservation.cancelled = True
@@ -362,9 +371,7 @@ class L1Store:
 
     def reserve(self, key: Hashable, region: Region = None) -> Reservation:
         """Claim the right to store the result of a load of ``key`` that starts now."""
-        reservation = Reservation(
-            key, region, self._clock(), self._global_gen, self._region_gens.get(region, 0)
-        )
+        reservation = Reservation(key, region, self._clock())
         previous = self._reservations.get((region, key))
         if previous is not None:
             previous.cancelled = True
@@ -373,11 +380,7 @@ class L1Store:
 
     def is_current(self, reservation: Reservation) -> bool:
         """Whether nothing has invalidated the reservation's key since it was taken."""
-        return (
-            not reservation.cancelled
-            and reservation.global_gen == self._global_gen
-            and reservation.region_gen == self._region_gens.get(reservation.region, 0)
-        )
+        return not reservation.cancelled
 
     def commit(
         self,
