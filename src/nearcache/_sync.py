@@ -176,7 +176,6 @@ class NearCache:
         self._store: Any = self._core.store
         self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._sender: threading.Thread | None = None
-        self._pid = os.getpid()
         if self._settings is not None:
             from nearcache._redis import RedisBackplane
 
