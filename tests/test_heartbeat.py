@@ -103,8 +103,9 @@ class RecordingListener:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def on_message(self, payload: bytes) -> None:
+    def on_message(self, payload: bytes) -> bool:
         self.calls.append(("message", payload))
+        return True
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         self.calls.append(("subscribed", (as_of, complete)))
@@ -165,13 +166,14 @@ def test_live_copy_of_a_replayed_entry_is_skipped() -> None:
     assert listener.calls == [("message", b"new")]
 
 
-def test_epoch_change_is_reported_as_a_loss_before_the_message() -> None:
-    """A logged message from a new epoch reports a loss, then is applied."""
+def test_epoch_change_is_reported_as_a_loss_after_the_message() -> None:
+    """A logged message from a new epoch is applied (it proves authentic), then reported as a
+    loss, which drops L1."""
     receiver, listener, _, cursor = make_receiver()
     cursor.epoch, cursor.last = b"e1", EntryId(9, 0)
     receiver.handle({"type": "message", "data": envelope(b"e2", "1-0", b"m")})
-    assert [c[0] for c in listener.calls] == ["loss", "message"]
-    assert listener.calls[1] == ("message", b"m")
+    assert [c[0] for c in listener.calls] == ["message", "loss"]
+    assert listener.calls[0] == ("message", b"m")
     assert (cursor.epoch, cursor.last) == (b"e2", EntryId(1, 0))
 
 

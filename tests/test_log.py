@@ -19,11 +19,13 @@ def envelope(epoch: bytes, entry: str, message: bytes = b"NC-message") -> bytes:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, accept: bool = True) -> None:
         self.events: list[tuple[str, Any]] = []
+        self.accept = accept
 
-    def on_message(self, payload: bytes) -> None:
+    def on_message(self, payload: bytes) -> bool:
         self.events.append(("message", payload))
+        return self.accept
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         self.events.append(("subscribed", complete))
@@ -85,13 +87,13 @@ def test_live_copies_of_replayed_entries_are_skipped() -> None:
 
 
 def test_a_new_epoch_on_a_live_message_is_a_loss() -> None:
-    """A message from a new epoch means Redis lost its log: report a loss, then apply it."""
+    """A message from a new epoch means Redis lost its log: apply it, then report a loss."""
     listener = Recorder()
     cursor = Cursor()
     cursor.reset(b"old", EntryId(5, 0))
     receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
     receiver.handle({"type": "message", "data": envelope(b"new", "1-0", b"m")})
-    assert [kind for kind, _ in listener.events] == ["loss", "message"]
+    assert [kind for kind, _ in listener.events] == ["message", "loss"]
     assert (cursor.epoch, cursor.last) == (b"new", EntryId(1, 0))
 
 
@@ -110,12 +112,44 @@ def test_the_receiver_matches_pongs_and_raises_on_unsubscribe() -> None:
 
 
 def test_plan_replays_when_the_log_covers_the_cursor() -> None:
-    """If the cursor's entry is still the first one read, the entries after it are replayed."""
+    """If the cursor's entry is still the first one read, on the same server, the entries
+    after it are replayed."""
     cursor = Cursor()
-    cursor.reset(b"e", EntryId(5, 0))
+    cursor.reset(b"e", EntryId(5, 0), "run-1")
     entries = [(EntryId(5, 0), b"a"), (EntryId(6, 0), b"b"), (EntryId(7, 1), b"c")]
-    assert cursor.plan(b"e", entries) == [b"b", b"c"]
+    assert cursor.plan(b"e", entries, "run-1") == [b"b", b"c"]
     assert cursor.last == EntryId(7, 1)
+
+
+def test_plan_gives_up_after_a_server_restart_or_unknown_server() -> None:
+    """A restarted server may have come back with an older log: always drop L1."""
+    for server in ("run-2", None):
+        cursor = Cursor()
+        cursor.reset(b"e", EntryId(5, 0), "run-1")
+        assert cursor.plan(b"e", [(EntryId(5, 0), b"a")], server) is None
+
+
+def test_plan_gives_up_once_a_bare_message_was_seen() -> None:
+    """Messages published without the log cannot be replayed: once one was seen on the
+    channel, every new subscription drops L1."""
+    listener = Recorder()
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run-1")
+    Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0)).handle({"type": "message", "data": b"NC"})
+    assert cursor.plan(b"e", [(EntryId(5, 0), b"a")], "run-1") is None
+
+
+def test_a_rejected_message_does_not_move_the_cursor() -> None:
+    """A forged or malformed message inside a valid-looking envelope neither moves the cursor
+    nor reveals an epoch change, so it cannot make this instance skip real entries."""
+    listener = Recorder(accept=False)
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run-1")
+    receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
+    receiver.handle({"type": "message", "data": envelope(b"e", "99999999999999-0", b"forged")})
+    receiver.handle({"type": "message", "data": envelope(b"evil", "1-0", b"forged")})
+    assert (cursor.epoch, cursor.last) == (b"e", EntryId(5, 0))
+    assert [kind for kind, _ in listener.events] == ["message", "message"]
 
 
 @pytest.mark.parametrize(

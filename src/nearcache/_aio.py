@@ -95,7 +95,7 @@ class AsyncNearCache:
             raise ValueError("pass either a connection string or a backplane, not both")
         if connection is not None:
             self._settings = parse_connection_string(connection)
-            channel = channel_name(channel, self._settings.channel_prefix)
+            channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
             from nearcache._aioredis import AsyncRedisBackplane
 
             backplane = AsyncRedisBackplane(
@@ -225,10 +225,24 @@ class AsyncNearCache:
             await self.start()
         store = self._core.store
         ident = (region, key)
-        flight = self._flights.get(ident)
-        if flight is not None and store.is_current(flight.reservation):
+        while True:
+            flight = self._flights.get(ident)
+            if not (
+                flight is not None
+                and store.is_current(flight.reservation)
+                and store.is_fresh(flight.reservation.started, self._clock())
+            ):
+                break
             flight.waiters += 1
-            return await asyncio.shield(flight.future)
+            try:
+                return await asyncio.shield(flight.future)
+            except asyncio.CancelledError:
+                if not flight.future.cancelled():
+                    raise  # this task was cancelled
+                # The task running the load was cancelled, not this one: load again.
+                value = store.peek(key, MISSING, region)
+                if value is not MISSING:
+                    return value  # type: ignore[no-any-return]
         flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
         self._flights[ident] = flight
         try:
@@ -239,7 +253,9 @@ class AsyncNearCache:
             store.release(flight.reservation)
             if self._flights.get(ident) is flight:
                 del self._flights[ident]
-            if not flight.future.done():
+            if isinstance(exc, asyncio.CancelledError):
+                flight.future.cancel()  # waiters start their own load
+            elif not flight.future.done():
                 flight.future.set_exception(exc)
                 flight.future.exception()  # retrieved: waiters re-raise it themselves
             raise
@@ -390,8 +406,8 @@ class _Listener:
     def __init__(self, cache: AsyncNearCache) -> None:
         self._cache = cache
 
-    def on_message(self, payload: bytes) -> None:
-        self._cache._core.receive(payload)
+    def on_message(self, payload: bytes) -> bool:
+        return self._cache._core.receive(payload)
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         self._cache._core.subscribed(as_of, complete)

@@ -198,14 +198,24 @@ class AsyncRedisBackplane:
         entries = None
         if cursor.last is not None and cursor.epoch == epoch:
             entries = await self._read_log(cursor.last)
-        replay = cursor.plan(epoch, entries)
+        server = await self._server_id()
+        replay = cursor.plan(epoch, entries, server)
         if replay is None:
             tail = parse_entries(await self._publisher.xrevrange(self._log_key, count=1))
-            cursor.reset(epoch, tail[0][0] if tail else None)
+            cursor.reset(epoch, tail[0][0] if tail else None, server)
             return False
         for message in replay:
             listener.on_message(message)
         return True
+
+    async def _server_id(self) -> str | None:
+        """Redis's run id (it changes on every restart), or None if INFO is not allowed."""
+        try:
+            info = await self._publisher.info("server")
+        except redis.ResponseError:
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
 
     async def _read_log(self, start: EntryId) -> list[tuple[EntryId, bytes]] | None:
         """The log's entries from ``start`` (inclusive) to its end, or None if too many."""

@@ -502,7 +502,7 @@ def _monitor(args: argparse.Namespace) -> int:
     import redis
 
     settings = _settings(args.connection)
-    wire = channel_name(args.channel, settings.channel_prefix)
+    wire = channel_name(args.channel, settings.channel_prefix, settings.database)
     output = _MonitorOutput(
         wire, as_json=args.json, secrets=normalize_secrets(args.secret), stream=sys.stdout
     )
@@ -609,32 +609,21 @@ def _operations(args: argparse.Namespace) -> list[Invalidation]:
     return [Invalidation(Kind.KEY, args.region, key) for key in keys]
 
 
-def _publish(client: redis.Redis, wire: str, payload: bytes, log_length: int) -> int:
-    """Publish like the library does: through the replay log (so that an instance that is
-    reconnecting replays it too), or with a plain PUBLISH when the fleet keeps no log."""
-    if not log_length:
-        return int(client.publish(wire, payload))
-    from nearcache._log import PUBLISH_SCRIPT
-    from nearcache._redis import log_keys, new_epoch
-
-    script = client.register_script(PUBLISH_SCRIPT)
-    result = script(keys=list(log_keys(wire)), args=[wire, log_length, new_epoch(), payload])
-    return int(result[2])
-
-
 def _invalidate(args: argparse.Namespace) -> int:
     import redis
 
     operations = _operations(args)
     settings = _settings(args.connection)
-    wire = channel_name(args.channel, settings.channel_prefix)
+    wire = channel_name(args.channel, settings.channel_prefix, settings.database)
     secrets = normalize_secrets(args.secret)
     signing = next(iter(secrets.items()), None)
     sender = os.urandom(16)
     payload = encode(sender, 1, operations, signing_key=signing)
     client = _client(settings)
     try:
-        receivers = _publish(client, wire, payload, args.replay_log)
+        from nearcache._redis import publish_messages
+
+        receivers = publish_messages(client, wire, [payload], args.replay_log)
     except (redis.RedisError, OSError) as exc:
         _error(f"cannot publish on {settings.describe()}: {exc}")
         return 1

@@ -273,7 +273,10 @@ def split(operations: Iterable[Invalidation], max_ops: int) -> list[list[Invalid
     return [c for c in chunks if c]
 
 
-def channel_name(channel: str, prefix: str = "") -> str:
+def channel_name(channel: str, prefix: str = "", database: int = 0) -> str:
     """The wire channel of a logical channel: the protocol version is part of it, so
-    instances speaking different versions never read each other's messages."""
-    return f"{prefix}nearcache:v{VERSION}:{channel}"
+    instances speaking different versions never read each other's messages. Pub/Sub channels
+    span every database of a server but the replay log is a key in one, so a database other
+    than 0 is part of the name too."""
+    where = f"db{database}:" if database else ""
+    return f"{prefix}nearcache:v{VERSION}:{where}{channel}"

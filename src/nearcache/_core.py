@@ -270,17 +270,18 @@ class CacheCore:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, payload: bytes) -> None:
-        """Decode and apply one message from the backplane. Never raises for bad input."""
+    def receive(self, payload: bytes) -> bool:
+        """Decode and apply one message from the backplane; return whether it was valid.
+        Never raises for bad input."""
         try:
             message = decode(payload, self.options.secrets or None)
         except MessageError as exc:
             self.stats.malformed_messages += 1
             self.last_error = f"malformed message: {exc}"
-            return
+            return False
         if message.sender == self.instance_id:
             self.stats.own_messages += 1
-            return
+            return True
         self.stats.messages_received += 1
         last = self._senders.get(message.sender)
         self._senders[message.sender] = max(message.sequence, last or 0)
@@ -293,6 +294,7 @@ class CacheCore:
             self.apply(op)
             self.store.count_invalidation()
         self.stats.invalidations_received += len(message.operations)
+        return True
 
     def subscribed(self, as_of: float, complete: bool) -> None:
         """A new subscription is up. ``complete``: what it missed was replayed from the log,

@@ -178,7 +178,7 @@ def _drop_replay_log(connection: str, channel: str) -> None:
         contextlib.suppress(redis.RedisError, OSError),
         redis.Redis(**make_client_kwargs(settings)) as client,
     ):
-        client.delete(*log_keys(channel_name(channel, settings.channel_prefix)))
+        client.delete(*log_keys(channel_name(channel, settings.channel_prefix, settings.database)))
 
 
 @contextlib.contextmanager

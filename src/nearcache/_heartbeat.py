@@ -81,16 +81,19 @@ class Receiver:
             except MessageError:
                 envelope = None  # the cache decodes it and counts it as malformed
             if envelope is None:
-                self._listener.on_message(data)
+                if self._listener.on_message(data):
+                    self._cursor.saw_bare_message()
                 return False
             cursor = self._cursor
-            if cursor.epoch_changed(envelope):
+            if not cursor.accept(envelope):
+                return False  # already applied from the log
+            # Only an authentic message may move the cursor or reveal a new epoch: a forged
+            # envelope must not make this instance skip real entries.
+            changed = cursor.epoch_changed(envelope)
+            if self._listener.on_message(envelope.message):
                 cursor.advance(envelope)
-                self._listener.on_loss("the log's epoch changed: Redis lost its data")
-                self._listener.on_message(envelope.message)
-            elif cursor.accept(envelope):
-                cursor.advance(envelope)
-                self._listener.on_message(envelope.message)
+                if changed:
+                    self._listener.on_loss("the log's epoch changed: Redis lost its data")
             return False
         if kind == "pong":
             sent = self._heartbeat.pong(message["data"])

@@ -126,6 +126,13 @@ class Cursor:
     def __init__(self) -> None:
         self.epoch: bytes | None = None
         self.last: EntryId | None = None
+        self.server: str | None = None  # the Redis run id the cursor was read from
+        self.bare = False  # a message published without the log was seen on the channel
+
+    def saw_bare_message(self) -> None:
+        """Someone publishes without the log: what they send during an outage cannot be
+        replayed, so from now on every new subscription drops L1."""
+        self.bare = True
 
     def accept(self, envelope: Envelope) -> bool:
         """Whether a live envelope should be applied: False for an entry already applied
@@ -147,26 +154,47 @@ class Cursor:
             self.last = envelope.entry
 
     def plan(
-        self, epoch: bytes, entries: Sequence[tuple[EntryId, bytes]] | None
+        self,
+        epoch: bytes,
+        entries: Sequence[tuple[EntryId, bytes]] | None,
+        server: str | None = None,
     ) -> list[bytes] | None:
         """Decide the repair after a new subscription.
 
         ``entries`` are the log's entries from the cursor (inclusive) onwards, or None when the
-        log was not read (no cursor). Return the messages to replay when the log covers every
-        entry after the cursor, or None when L1 must be dropped instead.
+        log was not read (no cursor). ``server`` is Redis's run id now: a restarted server
+        (or a failover) may have come back with an older copy of the log that lacks entries
+        this instance never received, so a change of server always drops L1. Return the
+        messages to replay when the log covers every entry after the cursor, or None when L1
+        must be dropped instead.
         """
-        if self.epoch is None or self.last is None or epoch != self.epoch or entries is None:
+        if (
+            self.epoch is None
+            or self.last is None
+            or epoch != self.epoch
+            or entries is None
+            or self.bare
+            or server is None
+            or server != self.server
+        ):
             return None
-        if not entries or entries[0][0] != self.last:
+        return self.follow(entries)
+
+    def follow(self, entries: Sequence[tuple[EntryId, bytes]] | None) -> list[bytes] | None:
+        """The messages after the cursor in ``entries`` (the log read from the cursor, itself
+        included), moving the cursor to the end; None if they do not start at the cursor."""
+        if entries is None or not entries or entries[0][0] != self.last:
             return None  # the cursor's own entry is gone: trimmed past it, or a lost tail
         replay = [message for entry, message in entries[1:]]
         self.last = entries[-1][0]
         return replay
 
-    def reset(self, epoch: bytes, last: EntryId | None) -> None:
+    def reset(self, epoch: bytes, last: EntryId | None, server: str | None = None) -> None:
         """Start over at the log's current end (after L1 was dropped)."""
         self.epoch = epoch
         self.last = last
+        if server is not None:
+            self.server = server
 
 
 def reconcile(
@@ -189,7 +217,7 @@ def reconcile(
     if cursor.last is None:
         cursor.reset(epoch, last)
         return None
-    replay = cursor.plan(epoch, read_log(cursor.last))
+    replay = cursor.follow(read_log(cursor.last))  # same subscription: same server
     if replay is None:
         cursor.reset(epoch, last)
     return replay

@@ -42,7 +42,7 @@ from nearcache._log import (
 )
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
-__all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch"]
+__all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch", "publish_messages"]
 
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
@@ -57,6 +57,30 @@ def new_epoch() -> str:
 def log_keys(channel: str) -> tuple[str, str]:
     """The replay log's stream key and epoch key of a channel."""
     return f"{channel}:log", f"{channel}:epoch"
+
+
+def publish_messages(
+    client: redis.Redis,
+    channel: str,
+    payloads: Sequence[bytes],
+    log_length: int,
+    script: Any = None,
+) -> int:
+    """Publish encoded messages in order, through the replay log unless ``log_length`` is 0,
+    in one round trip; return how many subscribers received the last one. Used by the
+    backplane and by operator tools, so both write the log the same way."""
+    if log_length:
+        if script is None:
+            script = client.register_script(PUBLISH_SCRIPT)
+        args: list[str | int | bytes] = [channel, log_length, new_epoch(), *payloads]
+        return int(script(keys=list(log_keys(channel)), args=args)[2])
+    if len(payloads) == 1:
+        return int(client.publish(channel, payloads[0]))
+    with client.pipeline(transaction=False) as pipe:
+        for payload in payloads:
+            pipe.publish(channel, payload)
+        counts = pipe.execute()
+    return int(counts[-1]) if counts else 0
 
 
 def make_client_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -151,22 +175,9 @@ class RedisBackplane:
     def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
         try:
-            if self._log_length:
-                args: list[str | int | bytes] = [
-                    self._channel,
-                    self._log_length,
-                    new_epoch(),
-                    *payloads,
-                ]
-                result = self._publish_script(keys=[self._log_key, self._epoch_key], args=args)
-                return int(result[2])
-            if len(payloads) == 1:
-                return int(self._publisher.publish(self._channel, payloads[0]))
-            with self._publisher.pipeline(transaction=False) as pipe:
-                for payload in payloads:
-                    pipe.publish(self._channel, payload)
-                counts = pipe.execute()
-            return int(counts[-1]) if counts else 0
+            return publish_messages(
+                self._publisher, self._channel, payloads, self._log_length, self._publish_script
+            )
         except (redis.RedisError, OSError) as exc:
             raise BackplaneError(
                 f"publish to channel {self._channel!r} on {self._settings.describe()} failed: {exc}"
@@ -249,14 +260,24 @@ class RedisBackplane:
         cursor = self._cursor
         if cursor.last is not None and cursor.epoch == epoch:
             entries = self._read_log(cursor.last)
-        replay = cursor.plan(epoch, entries)
+        server = self._server_id()
+        replay = cursor.plan(epoch, entries, server)
         if replay is None:
             tail = parse_entries(client.xrevrange(self._log_key, count=1))
-            cursor.reset(epoch, tail[0][0] if tail else None)
+            cursor.reset(epoch, tail[0][0] if tail else None, server)
             return False
         for message in replay:
             listener.on_message(message)
         return True
+
+    def _server_id(self) -> str | None:
+        """Redis's run id (it changes on every restart), or None if INFO is not allowed."""
+        try:
+            info = self._publisher.info("server")
+        except redis.ResponseError:
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
 
     def _read_log(self, start: EntryId) -> list[tuple[EntryId, bytes]] | None:
         """The log's entries from ``start`` (inclusive) to its end, or None if too many."""

@@ -179,6 +179,22 @@ class L1Store:
         self._misses += 1
         return default
 
+    def peek(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
+        """Like :meth:`get` but counts nothing (for re-checks of a read already counted)."""
+        bucket = self._regions.get(region)
+        entry = None if bucket is None else bucket.get(key)
+        if entry is None:
+            return default
+        now = self._clock()
+        if now < entry.expires and self.is_fresh(entry.stored, now):
+            return entry.value
+        return default
+
+    def is_fresh(self, stored: float, now: float) -> bool:
+        """Whether something known current at ``stored`` may still be served at ``now``
+        under the staleness rule."""
+        return now <= self._fresh_until or now <= stored + self._max_staleness
+
     def __len__(self) -> int:
         return self._count
 
@@ -418,6 +434,11 @@ class L1Store:
         """The backplane proved every invalidation published before ``as_of`` was applied."""
         fresh_until = as_of + self._max_staleness
         self._fresh_until = max(self._fresh_until, fresh_until)
+
+    def suspend(self, as_of: float) -> None:
+        """No confirmation after ``as_of`` can be trusted (e.g. in a forked child whose
+        backplane is gone): entries age out under the staleness rule from then on."""
+        self._fresh_until = min(self._fresh_until, as_of + self._max_staleness)
 
     def repair(self, as_of: float | None = None) -> int:
         """Messages may have been lost: drop what could be stale, locally, and cancel loads in

@@ -147,7 +147,7 @@ class NearCache:
             raise ValueError("pass either a connection string or a backplane, not both")
         if connection is not None:
             self._settings = parse_connection_string(connection)
-            channel = channel_name(channel, self._settings.channel_prefix)
+            channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
         elif backplane is not None:
             channel = backplane.channel
         self._channel = channel
@@ -189,7 +189,7 @@ class NearCache:
                 reconcile=self._options.reconcile_interval,
             )
 
-    def _start_backplane(self) -> None:
+    def _start_backplane(self, *, in_child: bool = False) -> None:
         backplane = self._backplane
         assert backplane is not None
         backplane.start(_Listener(self))
@@ -197,7 +197,7 @@ class NearCache:
             target=self._send_loop, name=f"nearcache-sender:{self._channel}", daemon=True
         )
         self._sender.start()
-        if self._abort_connect:
+        if self._abort_connect and not in_child:  # never block fork() on the network
             timeout = self._settings.connect_timeout if self._settings else 5.0
             if not backplane.wait_connected(timeout):
                 where = self._settings.describe() if self._settings else repr(backplane)
@@ -219,8 +219,11 @@ class NearCache:
         self._core.store = store
         self._store = store
         if self._backplane is not None and not custom:
-            self._start_backplane()
+            self._start_backplane(in_child=True)
         elif self._backplane is not None:
+            # The parent's backplane object is not ours to reuse: without confirmations the
+            # inherited entries age out under the staleness rule.
+            store.suspend(self._clock())
             log.warning(
                 "nearcache: a custom backplane is not restarted after fork; L1 will age out"
             )
@@ -294,17 +297,23 @@ class NearCache:
         ident = (region, key)
         with self._lock:
             self._check_open()
-            value = self._core.store.get(key, MISSING, region)
+            store = self._core.store
+            value = store.peek(key, MISSING, region)
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
             flight = self._flights.get(ident)
-            # Join a load only if nothing invalidated the key since it started; a caller that
-            # arrives after an invalidation must not get a value loaded before it.
-            if flight is not None and self._core.store.is_current(flight.reservation):
+            # Join a load only if nothing invalidated the key since it started and its result
+            # would be servable now under the staleness rule: a caller must not get a value
+            # loaded before a write it could have seen.
+            if (
+                flight is not None
+                and store.is_current(flight.reservation)
+                and store.is_fresh(flight.reservation.started, self._clock())
+            ):
                 flight.waiters += 1
                 leader = False
             else:
-                flight = _Flight(self._core.store.reserve(key, region))
+                flight = _Flight(store.reserve(key, region))
                 self._flights[ident] = flight
                 leader = True
         if not leader:
@@ -394,7 +403,7 @@ class NearCache:
 
     @property
     def channel(self) -> str:
-        """The channel name on the wire (``None`` for a local cache: the logical name)."""
+        """The channel name on the wire (for a local cache: the logical name given)."""
         return self._channel
 
     @property
@@ -469,10 +478,10 @@ class _Listener:
     def __init__(self, cache: NearCache) -> None:
         self._cache = cache
 
-    def on_message(self, payload: bytes) -> None:
+    def on_message(self, payload: bytes) -> bool:
         cache = self._cache
         with cache._lock:
-            cache._core.receive(payload)
+            return cache._core.receive(payload)
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         cache = self._cache

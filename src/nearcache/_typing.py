@@ -43,8 +43,9 @@ class BackplaneListener(Protocol):
     """What a backplane reports to its cache. Called from the backplane's listener thread or
     task, one call at a time, in the order things happened."""
 
-    def on_message(self, payload: bytes) -> None:
-        """A message arrived on the channel (possibly the cache's own, possibly garbage)."""
+    def on_message(self, payload: bytes) -> bool:
+        """A message arrived on the channel (possibly the cache's own, possibly garbage).
+        Return whether it was a valid (and, with a secret, authentic) message."""
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         """A subscription is up since ``as_of``. ``complete``: every message published before
