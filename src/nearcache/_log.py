@@ -43,7 +43,8 @@ ENVELOPE_MAGIC = b"NL"
 
 # KEYS[1] log stream, KEYS[2] epoch key. ARGV[1] channel, ARGV[2] max log length,
 # ARGV[3] a fresh random epoch to use if none exists, ARGV[4...] messages.
-# Returns {epoch, last id, receivers of the last publish}.
+# Returns {epoch, last id, receivers of the last publish}. Both keys expire a week after the
+# last publish.
 PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -56,6 +57,9 @@ for i = 4, #ARGV do
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[i])
   receivers = redis.call('PUBLISH', ARGV[1], head .. string.char(#id) .. id .. ARGV[i])
 end
+-- A channel nobody writes to for a week leaves nothing behind.
+redis.call('EXPIRE', KEYS[1], 604800)
+redis.call('EXPIRE', KEYS[2], 604800)
 return {epoch, id, receivers}
 """
 
@@ -63,7 +67,7 @@ return {epoch, id, receivers}
 EPOCH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800)
   epoch = ARGV[1]
 end
 return epoch
