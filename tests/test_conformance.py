@@ -89,10 +89,14 @@ class Driver:
             self._thread.start()
 
     def run(self, value: Any) -> Any:
-        """The value itself, or the result of running it on the loop if it is a coroutine."""
-        if inspect.iscoroutine(value):
+        """The value itself, or the result of awaiting it on the loop if it is awaitable."""
+        if inspect.isawaitable(value):
             assert self.loop is not None
-            return asyncio.run_coroutine_threadsafe(value, self.loop).result(TIMEOUT)
+
+            async def wait() -> Any:
+                return await value
+
+            return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(TIMEOUT)
         return value
 
     def spawn(self, fn: Callable[[], Any]) -> Future[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import time
@@ -78,7 +79,7 @@ def test_abort_connect_false_starts_locally_and_joins_later(
         c = cache
 
         async def run(x: object) -> object:
-            return await x if asyncio.iscoroutine(x) else x  # type: ignore[misc]
+            return await x if inspect.isawaitable(x) else x  # type: ignore[misc]
 
         await run(c.set("k", "local"))  # type: ignore[attr-defined]
         assert await run(c.get("k")) == "local"  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -156,7 +157,7 @@ def test_reconciliation_finds_a_lost_last_message(
 
     async def scenario() -> None:
         async def run(value: Any) -> Any:
-            return await value if asyncio.iscoroutine(value) else value
+            return await value if inspect.isawaitable(value) else value
 
         a = NearCache(redis_server.url, **kwargs)
         b: Any = (

@@ -120,6 +120,8 @@ class AsyncNearCache:
             self._options, clock=clock, instance_id=os.urandom(16), networked=backplane is not None
         )
         self._store: Any = self._core.store
+        # The hit path: an awaitable that completes at once, from the store's reader.
+        self.get = self._store.aget  # type: ignore[method-assign]
         self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._state = CacheState.OPEN
         self._started = backplane is None
@@ -187,6 +189,7 @@ class AsyncNearCache:
             await self._backplane.aclose()
         self._core.store.clear()
         self._store = _ClosedStore()
+        self.get = self._store.aget  # type: ignore[method-assign]
 
     async def __aenter__(self) -> AsyncNearCache:
         await self.start()

@@ -15,12 +15,14 @@ stops, entries age out by themselves, with no mode switch to get wrong.
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["MISSING", "L1Store", "Reservation", "StoreStats"]
+__all__ = ["ACCELERATED", "MISSING", "L1Store", "Reservation", "StoreStats"]
 
 
 class _Missing:
@@ -47,7 +49,9 @@ Region = str | None
 _LOOKAHEAD = 8
 
 
-class _Entry:
+class _PyEntry:
+    """One cached value with its timestamps (the C accelerator has the same fields)."""
+
     __slots__ = (
         "deadline",
         "expires",
@@ -79,6 +83,67 @@ class _Entry:
         self.sliding = sliding  # sliding window in seconds, 0.0 when none
         self.hits = 0
         self.mark = 0  # hits seen by the eviction hand at its last pass
+
+
+class _PyReader:
+    """The L1 read path (the C accelerator in ``_speedups.c`` implements the same)."""
+
+    __slots__ = ("clock", "default_bucket", "fresh_until", "max_staleness", "misses", "regions")
+
+    def __init__(
+        self,
+        default_bucket: dict[Hashable, Any],
+        regions: dict[Region, dict[Hashable, Any]],
+        clock: Callable[[], float] | None,
+        fresh_until: float,
+        max_staleness: float,
+    ) -> None:
+        self.default_bucket = default_bucket
+        self.regions = regions
+        self.clock = clock or time.monotonic
+        self.fresh_until = fresh_until
+        self.max_staleness = max_staleness
+        self.misses = 0
+
+    def get(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
+        """The value if servable, else ``default`` (see the module doc for the rule)."""
+        if region is None:
+            entry = self.default_bucket.get(key)
+        else:
+            bucket = self.regions.get(region)
+            entry = None if bucket is None else bucket.get(key)
+        if entry is not None:
+            now = self.clock()
+            if now < entry.expires and (
+                now <= self.fresh_until or now <= entry.stored + self.max_staleness
+            ):
+                entry.hits += 1
+                if entry.sliding:
+                    entry.expires = min(now + entry.sliding, entry.deadline)
+                return entry.value
+        self.misses += 1
+        return default
+
+    async def aget(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
+        """:meth:`get` as an awaitable."""
+        return self.get(key, default, region)
+
+
+def _implementation() -> tuple[Any, Any]:
+    """The C accelerator's Entry and Reader if it was built, else the Python ones."""
+    if os.environ.get("NEARCACHE_PURE_PYTHON"):
+        return _PyEntry, _PyReader
+    try:
+        from nearcache import _speedups
+    except ImportError:  # pragma: no cover - built without a compiler
+        return _PyEntry, _PyReader
+    return _speedups.Entry, _speedups.Reader
+
+
+_Entry, _Reader = _implementation()
+
+ACCELERATED: Final = _Reader is not _PyReader
+"""Whether the L1 hit path runs in C (``NEARCACHE_PURE_PYTHON=1`` turns it off)."""
 
 
 class Reservation:
@@ -142,15 +207,23 @@ class L1Store:
         self._sliding = sliding
         self._max_age = max_age
         self._max_staleness = max_staleness
-        self._default: dict[Hashable, _Entry] = {}
-        self._regions: dict[Region, dict[Hashable, _Entry]] = {None: self._default}
-        self._ring: deque[_Entry] = deque()  # the CLOCK ring; holds dead entries lazily
+        self._default: dict[Hashable, Any] = {}
+        self._regions: dict[Region, dict[Hashable, Any]] = {None: self._default}
+        self._ring: deque[Any] = deque()  # the CLOCK ring (entries); holds dead ones lazily
         self._count = 0
         # Local caches never go stale; a backplane cache starts unconfirmed.
-        self._fresh_until = math.inf if max_staleness == math.inf else -math.inf
+        self._reader = _Reader(
+            self._default,
+            self._regions,
+            None if clock is time.monotonic else clock,
+            math.inf if max_staleness == math.inf else -math.inf,
+            max_staleness,
+        )
+        # The hit path: the reader's own method, with no Python frame in between.
+        self.get = self._reader.get  # type: ignore[method-assign]
+        self.aget = self._reader.aget  # type: ignore[method-assign]
         self._reservations: dict[tuple[Region, Hashable], Reservation] = {}
         self._retired_hits = 0
-        self._misses = 0
         self._sets = 0
         self._evictions = 0
         self._expirations = 0
@@ -161,23 +234,23 @@ class L1Store:
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
-        """Return the value of ``key`` in ``region``, or ``default`` when it is not servable."""
-        if region is None:
-            entry = self._default.get(key)
-        else:
-            bucket = self._regions.get(region)
-            entry = None if bucket is None else bucket.get(key)
-        if entry is not None:
-            now = self._clock()
-            if now < entry.expires and (
-                now <= self._fresh_until or now <= entry.stored + self._max_staleness
-            ):
-                entry.hits += 1
-                if entry.sliding:
-                    entry.expires = min(now + entry.sliding, entry.deadline)
-                return entry.value
-        self._misses += 1
-        return default
+        """Return the value of ``key`` in ``region``, or ``default`` when it is not servable.
+
+        (Each store replaces this method with its reader's, C or Python, at construction.)
+        """
+        return self._reader.get(key, default, region)
+
+    async def aget(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
+        """:meth:`get` as an awaitable that never suspends."""
+        return self._reader.get(key, default, region)
+
+    @property
+    def _fresh_until(self) -> float:
+        return float(self._reader.fresh_until)
+
+    @_fresh_until.setter
+    def _fresh_until(self, value: float) -> None:
+        self._reader.fresh_until = value
 
     def peek(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
         """Like :meth:`get` but counts nothing (for re-checks of a read already counted)."""
@@ -221,7 +294,7 @@ class L1Store:
         return StoreStats(
             entries=self._count,
             hits=self._retired_hits + live_hits,
-            misses=self._misses,
+            misses=self._reader.misses,
             sets=self._sets,
             evictions=self._evictions,
             expirations=self._expirations,
@@ -281,11 +354,11 @@ class L1Store:
         if len(self._ring) > 2 * self._count + 1024:
             self._compact()
 
-    def _live(self, entry: _Entry) -> bool:
+    def _live(self, entry: _PyEntry) -> bool:
         bucket = self._regions.get(entry.region)
         return bucket is not None and bucket.get(entry.key) is entry
 
-    def _drop(self, entry: _Entry) -> None:
+    def _drop(self, entry: _PyEntry) -> None:
         bucket = self._regions[entry.region]
         del bucket[entry.key]
         if not bucket and entry.region is not None:
@@ -360,6 +433,7 @@ class L1Store:
         if region is None:
             self._default = {}
             self._regions[None] = self._default
+            self._reader.default_bucket = self._default
         if not bucket:
             return 0
         self._count -= len(bucket)
@@ -375,6 +449,8 @@ class L1Store:
         self._reservations.clear()
         self._default = {}
         self._regions = {None: self._default}
+        self._reader.default_bucket = self._default
+        self._reader.regions = self._regions
         self._ring = deque()
         self._count = 0
         return held

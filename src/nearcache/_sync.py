@@ -70,6 +70,9 @@ class _ClosedStore:
     def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
         raise CacheClosedError("the cache is closed")
 
+    async def aget(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
+        raise CacheClosedError("the cache is closed")
+
 
 _live_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
 
@@ -174,6 +177,8 @@ class NearCache:
             self._options, clock=self._clock, instance_id=os.urandom(16), networked=networked
         )
         self._store: Any = self._core.store
+        # The hit path: the store's reader itself (C when built), no Python frame between.
+        self.get = self._store.get  # type: ignore[method-assign]
         self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._sender: threading.Thread | None = None
         if self._settings is not None:
@@ -218,6 +223,7 @@ class NearCache:
         self._init_runtime()
         self._core.store = store
         self._store = store
+        self.get = store.get  # type: ignore[method-assign]
         if self._backplane is not None and not custom:
             self._start_backplane(in_child=True)
         elif self._backplane is not None:
@@ -254,6 +260,7 @@ class NearCache:
         with self._lock:
             self._core.store.clear()
             self._store = _ClosedStore()
+            self.get = self._store.get  # type: ignore[method-assign]
         _live_caches.discard(self)
 
     def __enter__(self) -> NearCache:
@@ -271,7 +278,9 @@ class NearCache:
     def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
         """Return the cached value of ``key`` in ``region``, or ``default`` on a miss.
 
-        Pass ``default=nearcache.MISSING`` to tell a cached ``None`` from a miss.
+        Pass ``default=nearcache.MISSING`` to tell a cached ``None`` from a miss. (Each cache
+        binds this name to its store's reader at construction, so a hit runs no Python code
+        when the C accelerator is built.)
         """
         return self._store.get(key, default, region)
 

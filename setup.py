@@ -1,0 +1,14 @@
+"""Build the optional C accelerator of the L1 hit path; nearcache works without it."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "nearcache._speedups",
+            ["src/nearcache/_speedups.c"],
+            optional=True,  # no compiler: the pure-Python path in _store.py is used
+            extra_compile_args=["-O2"],
+        )
+    ]
+)
