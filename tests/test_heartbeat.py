@@ -157,11 +157,11 @@ def test_logged_message_is_unwrapped_and_advances_the_cursor() -> None:
 
 
 def test_live_copy_of_a_replayed_entry_is_skipped() -> None:
-    """An entry at or before the cursor (already replayed) is not applied twice."""
+    """The live copy of an entry replayed from the log is not applied twice."""
     receiver, listener, _, cursor = make_receiver()
-    cursor.epoch, cursor.last = b"e1", EntryId(7, 1)
+    cursor.reset(b"e1", EntryId(6, 9), "run")
+    assert cursor.plan(b"e1", [(EntryId(6, 9), b"older"), (EntryId(7, 1), b"old")], "run")
     receiver.handle({"type": "message", "data": envelope(b"e1", "7-1", b"old")})
-    receiver.handle({"type": "message", "data": envelope(b"e1", "6-9", b"older")})
     receiver.handle({"type": "message", "data": envelope(b"e1", "7-2", b"new")})
     assert listener.calls == [("message", b"new")]
 

@@ -75,15 +75,33 @@ def test_parse_id_rejects_garbage() -> None:
 
 
 def test_live_copies_of_replayed_entries_are_skipped() -> None:
-    """After a replay up to entry 5, the live copies of entries up to 5 are not applied twice."""
+    """After a replay of entries 4-5, their live copies are not applied twice; an entry that
+    was not replayed is applied even if it is behind the cursor."""
     listener = Recorder()
     cursor = Cursor()
-    cursor.reset(b"e", EntryId(5, 0))
+    cursor.reset(b"e", EntryId(3, 0), "run")
+    assert cursor.plan(
+        b"e", [(EntryId(3, 0), b"3"), (EntryId(4, 0), b"4"), (EntryId(5, 0), b"5")], "run"
+    ) == [b"4", b"5"]
     receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
-    for entry in ("4-0", "5-0", "6-0"):
+    for entry in ("4-0", "5-0", "2-0", "6-0"):
         receiver.handle({"type": "message", "data": envelope(b"e", entry, entry.encode())})
-    assert listener.events == [("message", b"6-0")]
+    assert listener.events == [("message", b"2-0"), ("message", b"6-0")]
     assert cursor.last == EntryId(6, 0)
+
+
+def test_a_forged_far_future_entry_id_cannot_make_real_messages_skipped() -> None:
+    """The envelope is written by Redis and not signed: an authentic message re-wrapped with a
+    far-future entry id moves the cursor, but later genuine messages are still applied (the
+    next resubscription then finds the cursor missing from the log and drops L1)."""
+    listener = Recorder()
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run")
+    receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
+    receiver.handle({"type": "message", "data": envelope(b"e", "99999999999999-0", b"replayed")})
+    receiver.handle({"type": "message", "data": envelope(b"e", "6-0", b"genuine")})
+    assert listener.events == [("message", b"replayed"), ("message", b"genuine")]
+    assert cursor.plan(b"e", [(EntryId(5, 0), b"x"), (EntryId(6, 0), b"y")], "run") is None
 
 
 def test_a_new_epoch_on_a_live_message_is_a_loss() -> None:

@@ -132,6 +132,11 @@ class Cursor:
         self.last: EntryId | None = None
         self.server: str | None = None  # the Redis run id the cursor was read from
         self.bare = False  # a message published without the log was seen on the channel
+        # Entries just replayed from the log, whose live copies may still be on their way.
+        # Live messages are skipped only when they are one of these: never because of the
+        # cursor's position, which an envelope (unsigned: Redis writes it) could push ahead.
+        self._replayed: set[EntryId] = set()
+        self._replayed_max: EntryId | None = None
 
     def saw_bare_message(self) -> None:
         """Someone publishes without the log: what they send during an outage cannot be
@@ -139,12 +144,17 @@ class Cursor:
         self.bare = True
 
     def accept(self, envelope: Envelope) -> bool:
-        """Whether a live envelope should be applied: False for an entry already applied
-        (replayed before the live copy arrived). An epoch change moves the cursor to the new
-        epoch; the caller must then repair (see :meth:`epoch_changed`)."""
-        if envelope.epoch != self.epoch:
+        """Whether a live envelope should be applied: False only for the live copy of an
+        entry that was just replayed from the log (applying it twice is harmless, but it is
+        not new)."""
+        if not self._replayed or envelope.epoch != self.epoch:
             return True
-        return self.last is None or envelope.entry > self.last
+        if envelope.entry in self._replayed:
+            self._replayed.discard(envelope.entry)
+            return False
+        if self._replayed_max is not None and envelope.entry > self._replayed_max:
+            self._replayed.clear()  # live messages have caught up with the replay
+        return True
 
     def epoch_changed(self, envelope: Envelope) -> bool:
         """Whether this envelope reveals that Redis lost its log (a new epoch)."""
@@ -190,11 +200,14 @@ class Cursor:
         if entries is None or not entries or entries[0][0] != self.last:
             return None  # the cursor's own entry is gone: trimmed past it, or a lost tail
         replay = [message for entry, message in entries[1:]]
+        self._replayed = {entry for entry, _ in entries}
+        self._replayed_max = entries[-1][0]
         self.last = entries[-1][0]
         return replay
 
     def reset(self, epoch: bytes, last: EntryId | None, server: str | None = None) -> None:
         """Start over at the log's current end (after L1 was dropped)."""
+        self._replayed.clear()
         self.epoch = epoch
         self.last = last
         if server is not None:
