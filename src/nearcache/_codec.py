@@ -204,10 +204,33 @@ def decode(data: bytes, secrets: Mapping[str, bytes] | None = None) -> Message:
         raise MessageError(f"operation count {count} exceeds the message size")
     pos = HEADER.size
     ops: list[Invalidation] = []
+    append, new_op = ops.append, tuple.__new__
+    key_head, u16 = _KEY_HEAD.unpack_from, _U16.unpack_from
     try:
         for _ in range(count):
             kind = data[pos]
             pos += 1
+            if kind == 1 and pos + 2 <= end:
+                # The common case inline: one key of a region, no helper call per operation.
+                (length,) = u16(data, pos)
+                pos += 2
+                region: Region = None
+                if length != _DEFAULT_REGION:
+                    if pos + length > end:
+                        raise MessageError(f"truncated region at byte {pos}")
+                    region = data[pos : pos + length].decode()
+                    pos += length
+                if pos + 5 > end:
+                    raise MessageError(f"truncated key at byte {pos}")
+                key_type, length = key_head(data, pos)
+                if key_type == _KEY_STR and pos + 5 + length <= end:
+                    pos += 5
+                    key: Key = data[pos : pos + length].decode()
+                    pos += length
+                else:
+                    key, pos = _decode_key(data, pos, end)
+                append(new_op(Invalidation, (Kind.KEY, region, key)))
+                continue
             if kind == Kind.CLEAR:
                 ops.append(Invalidation(Kind.CLEAR))
                 continue

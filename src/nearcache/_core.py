@@ -235,23 +235,31 @@ class CacheCore:
 
     def take_batch(self) -> list[bytes]:
         """Take what waits in the outbox and encode it as messages (empty: nothing waits)."""
-        ops = self.outbox.take(BATCH_MAX_OPS)
-        self._batch_first_sequence = self._sequence + 1
-        payloads = []
+        return self.encode_batch(self.take_ops())
+
+    def take_ops(self) -> tuple[list[list[Invalidation]], int]:
+        """Take what waits (caller holds the lock): message-sized chunks and the sequence
+        number of the first; :meth:`encode_batch` may then run without the lock."""
+        chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
+        first = self._batch_first_sequence = self._sequence + 1
+        self._sequence += len(chunks)
+        return chunks, first
+
+    def encode_batch(self, taken: tuple[list[list[Invalidation]], int]) -> list[bytes]:
+        """Encode what :meth:`take_ops` took (reads only immutable state: no lock needed)."""
+        chunks, first = taken
         try:
-            for chunk in split(ops, MESSAGE_MAX_OPS):
-                self._sequence += 1
-                payloads.append(
-                    encode(self.instance_id, self._sequence, chunk, signing_key=self._signing)
-                )
+            return [
+                encode(self.instance_id, first + i, chunk, signing_key=self._signing)
+                for i, chunk in enumerate(chunks)
+            ]
         except (ValueError, UnicodeError) as exc:
             # check_key keeps this from happening; should it anyway, a clear is the safe
             # substitute: the batch is never silently lost and the sender never wedges.
+            # (Runs unlocked: the sequence numbers were reserved by take_ops.)
             self.last_error = f"could not encode a batch, sent a clear instead: {exc}"
-            self._sequence = self._batch_first_sequence
             clear = [Invalidation(Kind.CLEAR)]
-            payloads = [encode(self.instance_id, self._sequence, clear, signing_key=self._signing)]
-        return payloads
+            return [encode(self.instance_id, first, clear, signing_key=self._signing)]
 
     def batch_sent(self, payloads: list[bytes]) -> None:
         """The batch in flight was acknowledged by Redis."""
@@ -273,6 +281,15 @@ class CacheCore:
     def receive(self, payload: bytes) -> bool:
         """Decode and apply one message from the backplane; return whether it was valid.
         Never raises for bad input."""
+        if (
+            not self.options.secrets
+            and payload[4:20] == self.instance_id
+            and payload[:2] == b"NC"
+            and len(payload) >= 32
+        ):
+            # Redis echoes our own messages: drop them before decoding every operation.
+            self.stats.own_messages += 1
+            return True
         try:
             message = decode(payload, self.options.secrets or None)
         except MessageError as exc:
@@ -290,9 +307,14 @@ class CacheCore:
             # whatever it invalidated may be held here. Drop L1 (locally only).
             self.stats.sequence_gaps += 1
             self.store.repair()
+        store = self.store
+        remove, key_kind = store.remove, Kind.KEY
         for op in message.operations:
-            self.apply(op)
-            self.store.count_invalidation()
+            if op.kind is key_kind:
+                remove(op.key, op.region)
+            else:
+                self.apply(op)
+        store.count_invalidation(len(message.operations))
         self.stats.invalidations_received += len(message.operations)
         return True
 

@@ -413,9 +413,10 @@ class L1Store:
 
     def remove(self, key: Hashable, region: Region = None) -> bool:
         """Drop one key; cancel a load of it in flight. Return whether an entry was held."""
-        reservation = self._reservations.pop((region, key), None)
-        if reservation is not None:
-            reservation.cancelled = True
+        if self._reservations:
+            reservation = self._reservations.pop((region, key), None)
+            if reservation is not None:
+                reservation.cancelled = True
         bucket = self._regions.get(region)
         entry = None if bucket is None else bucket.get(key)
         if entry is None:
@@ -455,9 +456,9 @@ class L1Store:
         self._count = 0
         return held
 
-    def count_invalidation(self) -> None:
-        """Count an invalidation applied on behalf of another instance."""
-        self._invalidations += 1
+    def count_invalidation(self, count: int = 1) -> None:
+        """Count invalidations applied on behalf of another instance."""
+        self._invalidations += count
 
     # -- the load-vs-invalidate race --------------------------------------------------------
 

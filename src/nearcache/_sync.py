@@ -59,7 +59,8 @@ class _Flight:
     def __init__(self, reservation: Reservation) -> None:
         self.reservation = reservation
         self.waiters = 0  # callers waiting on this load besides the one running it
-        self.done = threading.Event()
+        # Created under the cache lock by the first caller that joins: most loads have none.
+        self.done: threading.Event | None = None
         self.value: object = MISSING
         self.error: BaseException | None = None
 
@@ -320,12 +321,15 @@ class NearCache:
                 and store.is_fresh(flight.reservation.started, self._clock())
             ):
                 flight.waiters += 1
+                if flight.done is None:
+                    flight.done = threading.Event()
                 leader = False
             else:
                 flight = _Flight(store.reserve(key, region))
                 self._flights[ident] = flight
                 leader = True
         if not leader:
+            assert flight.done is not None
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
@@ -338,7 +342,8 @@ class NearCache:
                 if self._flights.get(ident) is flight:
                     del self._flights[ident]
             flight.error = exc
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
             raise
         with self._lock:
             if self._state is CacheState.OPEN:
@@ -346,7 +351,8 @@ class NearCache:
             if self._flights.get(ident) is flight:
                 del self._flights[ident]
         flight.value = value
-        flight.done.set()
+        if flight.done is not None:
+            flight.done.set()
         return value
 
     # -- writes ---------------------------------------------------------------------------
@@ -456,7 +462,8 @@ class NearCache:
                     self._cond.wait()
                 if outbox.waiting == 0:
                     return  # closed and nothing left
-                payloads = core.take_batch()
+                taken = core.take_ops()
+            payloads = core.encode_batch(taken)  # outside the lock: writers keep going
             delay = _RETRY_MIN
             while True:
                 try:
