@@ -96,6 +96,35 @@ def nc_writer(control: Control, url: str, channel: str, n: int) -> dict[str, Any
     }
 
 
+def nc_writer_bulk(control: Control, url: str, channel: str, n: int) -> dict[str, Any]:
+    """The same, invalidating each chunk of keys with one ``remove_many`` call."""
+    from nearcache import NearCache
+
+    cache = NearCache(url, channel=channel, abort_connect=True, max_pending=max(n, 100_000))
+    keys = _keys(n)
+    chunks = [keys[i : i + CHUNK] for i in range(0, n, CHUNK)]
+    control.report("ready")
+    control.wait_go()
+    time.sleep(0.05)
+    stamps = []
+    clock, remove_many = time.monotonic, cache.remove_many
+    for chunk in chunks:
+        stamps.append(clock())
+        remove_many(chunk)
+    loop_done = clock()
+    cache.flush(timeout=60)
+    flushed = clock()
+    stats = cache.stats()
+    cache.close()
+    return {
+        "stamps": stamps,
+        "loop_done": loop_done,
+        "flushed": flushed,
+        "degraded": stats.degraded_to_clear,
+        "messages": stats.messages_sent,
+    }
+
+
 def raw_subscriber(control: Control, url: str, channel: str, n: int) -> dict[str, Any]:
     import redis
 
@@ -217,6 +246,7 @@ def run(options: Options, env: Env) -> list[Row]:
     url = env.redis().url
     plan = [
         ("NearCache remove+flush", nc_writer, nc_subscriber, n),
+        ("NearCache remove_many+flush", nc_writer_bulk, nc_subscriber, n),
         ("redis-py PUBLISH per key, pipelined 1000", raw_writer_pipe, raw_subscriber, n),
         ("redis-py PUBLISH per key, 1 round trip each", raw_writer_rt, raw_subscriber, n_rt),
     ]
@@ -229,7 +259,7 @@ def run(options: Options, env: Env) -> list[Row]:
             for key, value in r.items():
                 f.setdefault(key, []).append(value)
     rows: list[Row] = []
-    base_name = plan[2][0]
+    base_name = plan[3][0]
     for name, _, _, count in plan:
         f = figures[name]
         lost = sum(f["lost"])

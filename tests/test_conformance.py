@@ -341,3 +341,22 @@ def test_keys_that_cannot_travel_are_refused(driver: Driver, pair: tuple[Any, An
     for key in ("s", b"b", 7, -12345678901234567890):
         driver.run(a.set(key, key))
         assert driver.run(a.get(key)) == key
+
+
+def test_remove_many_propagates_every_key(driver: Driver, pair: tuple[Any, Any]) -> None:
+    """remove_many drops every key here and on the other instance, like remove per key."""
+    a, b = pair
+    run = driver.run
+    for i in range(300):
+        run(b.set(f"k{i}", i, region="r"))
+    run(b.flush())
+    wait_until(lambda: a.stats().invalidations_received == 300)
+    run(a.set("k0", "a's own", region="r"))
+    run(a.remove_many([f"k{i}" for i in range(300)], region="r"))
+    run(a.flush())
+    # 300 or 301 operations arrive: the set of k0 may coalesce with its remove in the outbox.
+    wait_until(lambda: all(run(b.get(f"k{i}", MISSING, "r")) is MISSING for i in range(300)))
+    assert b.stats().invalidations_received >= 300
+    assert run(a.get("k0", MISSING, "r")) is MISSING
+    with pytest.raises(TypeError):
+        run(a.remove_many([("bad", "key")]))

@@ -390,3 +390,21 @@ def test_region_invalidations_respect_the_bound() -> None:
         outbox.add(region(f"r{i}"))
     assert outbox.waiting <= 3
     assert outbox.degraded >= 1
+
+
+def test_add_keys_matches_add_one_by_one() -> None:
+    """add_keys queues, coalesces, numbers and bounds exactly like add called per key."""
+    ops = [
+        Invalidation(Kind.KEY, r, k) for r, k in [(None, "a"), ("r", "a"), (None, "a"), (None, "b")]
+    ]
+    for bound in (100, 3):
+        one, bulk = Outbox(max_pending=bound), Outbox(max_pending=bound)
+        for op in ops:
+            one.add(op)
+        bulk.add_keys(ops)
+        assert list(one._queue) == list(bulk._queue)
+        assert (one.accepted, one.coalesced, one.degraded) == (
+            bulk.accepted,
+            bulk.coalesced,
+            bulk.degraded,
+        )

@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from nearcache._codec import Invalidation, Kind, channel_name
@@ -292,6 +292,18 @@ class AsyncNearCache:
         """Drop ``key`` here and on every other instance."""
         check_key(key, region)
         await self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+
+    async def remove_many(self, keys: Iterable[Hashable], *, region: str | None = None) -> None:
+        """Drop several keys of ``region`` here and on every other instance, in one step."""
+        ops = []
+        for key in keys:
+            check_key(key, region)
+            ops.append(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        self._check_open()
+        if not self._started:
+            await self.start()
+        if self._core.local_many(ops):
+            self._kick()
 
     async def clear_region(self, region: str | None) -> None:
         """Drop every key of ``region`` here and on every other instance."""

@@ -135,14 +135,26 @@ def encode(
             MAGIC, VERSION, FLAG_SIGNED if signing_key else 0, sender, sequence, len(operations)
         )
     )
-    for op in operations:
-        out.append(op.kind)
-        if op.kind is Kind.CLEAR:
+    regions: dict[Region, bytes] = {}  # a batch usually names few regions: encode each once
+    key_head, str_key, key_kind = _KEY_HEAD.pack, _KEY_STR, Kind.KEY
+    for kind, region, key in operations:
+        out.append(kind)
+        if kind is Kind.CLEAR:
             continue
-        _encode_region(out, op.region)
-        if op.kind is Kind.KEY:
-            assert op.key is not None
-            _encode_key(out, op.key)
+        head = regions.get(region)
+        if head is None:
+            buffer = bytearray()
+            _encode_region(buffer, region)
+            head = regions[region] = bytes(buffer)
+        out += head
+        if kind is key_kind:
+            if type(key) is str:  # the common case inline
+                raw = key.encode()
+                out += key_head(str_key, len(raw))
+                out += raw
+            else:
+                assert key is not None
+                _encode_key(out, key)
     if signing_key is not None:
         key_id, secret = signing_key
         raw_id = key_id.encode()

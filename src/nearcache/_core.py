@@ -206,6 +206,20 @@ class CacheCore:
         self.outbox.add(op)
         return was_idle
 
+    def local_many(self, ops: list[Invalidation]) -> bool:
+        """:meth:`local` for several invalidations at once."""
+        for op in ops:
+            self.apply(op)
+        if not self.networked or not ops:
+            return False
+        was_idle = self.outbox.waiting == 0
+        if all(op.kind is Kind.KEY for op in ops):
+            self.outbox.add_keys(ops)
+        else:
+            for op in ops:
+                self.outbox.add(op)
+        return was_idle
+
     def set(
         self,
         key: Hashable,

@@ -62,6 +62,24 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def add_keys(self, ops: list[Invalidation]) -> None:
+        """Accept several key invalidations (what :meth:`add` does for each, in one loop)."""
+        waiting_keys, queue = self._waiting_keys, self._queue
+        if len(queue) - self._in_flight + len(ops) > self._max_pending:
+            for op in ops:
+                self.add(op)  # near the bound: one at a time, degrading to a clear past it
+            return
+        accepted, before, append = self._accepted, len(waiting_keys), queue.append
+        known = before
+        for op in ops:
+            accepted += 1
+            waiting_keys.add((op.region, op.key))
+            if len(waiting_keys) != known:  # a new key: queue it; a repeat is coalesced
+                known += 1
+                append((accepted, op))
+        self.coalesced += len(ops) - (known - before)
+        self._accepted = accepted
+
     def add(self, op: Invalidation) -> int:
         """Accept one invalidation; return its sequence number."""
         self._accepted += 1
@@ -97,13 +115,17 @@ class Outbox:
         Everything in flight must be committed before the next take.
         """
         assert self._in_flight == 0, "commit the batch in flight first"
-        count = min(max_ops, len(self._queue))
-        batch: list[Invalidation] = []
-        for i in range(count):
-            op = self._queue[i][1]
-            batch.append(op)
-            if op.kind is Kind.KEY:
-                self._waiting_keys.discard((op.region, op.key))
+        queue = self._queue
+        count = min(max_ops, len(queue))
+        if count == len(queue):
+            batch = [op for _, op in queue]
+            self._waiting_keys.clear()  # everything is taken: nothing waits any more
+        else:
+            batch = [queue[i][1] for i in range(count)]
+            discard, key_kind = self._waiting_keys.discard, Kind.KEY
+            for op in batch:
+                if op.kind is key_kind:
+                    discard((op.region, op.key))
         self._in_flight = count
         return batch
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from nearcache._codec import Invalidation, Kind, channel_name
@@ -377,6 +377,21 @@ class NearCache:
         """Drop ``key`` here and on every other instance."""
         check_key(key, region)
         self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+
+    def remove_many(self, keys: Iterable[Hashable], *, region: str | None = None) -> None:
+        """Drop several keys of ``region`` here and on every other instance, in one step.
+
+        Equivalent to calling :meth:`remove` for each key, at a fraction of the cost for
+        bulk invalidations (e.g. after a batch update of the source of truth).
+        """
+        ops = []
+        for key in keys:
+            check_key(key, region)
+            ops.append(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        with self._lock:
+            self._check_open()
+            if self._core.local_many(ops):
+                self._cond.notify_all()
 
     def clear_region(self, region: str | None) -> None:
         """Drop every key of ``region`` here and on every other instance."""
