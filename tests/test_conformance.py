@@ -360,3 +360,33 @@ def test_remove_many_propagates_every_key(driver: Driver, pair: tuple[Any, Any])
     assert run(a.get("k0", MISSING, "r")) is MISSING
     with pytest.raises(TypeError):
         run(a.remove_many([("bad", "key")]))
+
+
+def test_on_invalidation_reports_what_others_invalidate(
+    driver: Driver, pair: tuple[Any, Any]
+) -> None:
+    """on_invalidation callbacks see every invalidation received from another instance, after
+    it was applied; a failing callback is counted and never stops invalidations."""
+    from nearcache import Invalidation, Kind
+
+    a, b = pair
+    run = driver.run
+    seen: list[tuple[Invalidation, object]] = []
+    b.on_invalidation(lambda op: seen.append((op, b._store.peek("k", None, "r"))))
+    unregister = b.on_invalidation(lambda op: 1 / 0)
+    run(b.set("k", "v", region="r"))
+    run(a.remove("k", region="r"))
+    run(a.clear_region("s"))
+    run(a.flush())
+    wait_until(lambda: len(seen) == 2)
+    assert seen == [
+        (Invalidation(Kind.KEY, "r", "k"), None),
+        (Invalidation(Kind.REGION, "s"), None),
+    ]
+    assert b.stats().listener_errors == 2
+    unregister()
+    run(a.clear())
+    run(a.flush())
+    wait_until(lambda: len(seen) == 3)
+    assert b.stats().listener_errors == 2
+    assert a.stats().listener_errors == 0

@@ -349,6 +349,23 @@ class AsyncNearCache:
                     pending=len(outbox),
                 ) from None
 
+    def on_invalidation(self, callback: Callable[[Invalidation], None]) -> Callable[[], None]:
+        """Call ``callback(invalidation)`` for every invalidation received from another
+        instance, right after it was applied to L1; return a function that unregisters it.
+
+        It runs on the backplane's listener task, on the event loop: keep it short. Its
+        exceptions are logged and counted (``stats().listener_errors``), never propagated.
+        Own writes and local expiries are not reported.
+        """
+        listeners = self._core.listeners
+        listeners.append(callback)
+
+        def unregister() -> None:
+            if callback in listeners:
+                listeners.remove(callback)
+
+        return unregister
+
     # -- introspection --------------------------------------------------------------------
 
     @property

@@ -7,6 +7,7 @@ The drivers add only what needs I/O: locks or a loop, threads or tasks, and the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from nearcache._store import L1Store
 
 __all__ = ["BackplaneStats", "CacheCore", "CacheOptions", "check_key", "check_region"]
 
+log = logging.getLogger("nearcache")
 MESSAGE_MAX_OPS = 256  # operations per message: a few KiB, one TCP segment or a handful
 BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messages)
 
@@ -159,6 +161,7 @@ class BackplaneStats:
     malformed_messages: int = 0
     sequence_gaps: int = 0
     resubscriptions: int = 0
+    listener_errors: int = 0
     replays: int = 0
     losses: int = 0
     publish_failures: int = 0
@@ -194,6 +197,8 @@ class CacheCore:
         self._batch_first_sequence = 0
         self._senders: dict[bytes, int] = {}
         self.last_error: str | None = None
+        # Called with each invalidation received from another instance, once applied.
+        self.listeners: list[Callable[[Invalidation], None]] = []
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -330,7 +335,21 @@ class CacheCore:
                 self.apply(op)
         store.count_invalidation(len(message.operations))
         self.stats.invalidations_received += len(message.operations)
+        if self.listeners:
+            self._notify(message.operations)
         return True
+
+    def _notify(self, operations: tuple[Invalidation, ...]) -> None:
+        for op in operations:
+            for listener in list(self.listeners):
+                self._call(listener, op)
+
+    def _call(self, listener: Callable[[Invalidation], None], op: Invalidation) -> None:
+        try:
+            listener(op)
+        except Exception:  # a listener's bug must never stop invalidations
+            self.stats.listener_errors += 1
+            log.exception("nearcache: an on_invalidation callback failed")
 
     def subscribed(self, as_of: float, complete: bool) -> None:
         """A new subscription is up. ``complete``: what it missed was replayed from the log,
@@ -381,6 +400,7 @@ class CacheStats:
     malformed_messages: int
     sequence_gaps: int
     resubscriptions: int
+    listener_errors: int
     replays: int
     losses: int
     publish_failures: int
@@ -417,6 +437,7 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         malformed_messages=bp.malformed_messages,
         sequence_gaps=bp.sequence_gaps,
         resubscriptions=bp.resubscriptions,
+        listener_errors=bp.listener_errors,
         replays=bp.replays,
         losses=bp.losses,
         publish_failures=bp.publish_failures,

@@ -429,6 +429,23 @@ class NearCache:
                     )
                 self._cond.wait(remaining)
 
+    def on_invalidation(self, callback: Callable[[Invalidation], None]) -> Callable[[], None]:
+        """Call ``callback(invalidation)`` for every invalidation received from another
+        instance, right after it was applied to L1; return a function that unregisters it.
+
+        It runs on the backplane's listener thread, holding the cache's lock: keep it short.
+        Its exceptions are logged and counted (``stats().listener_errors``), never
+        propagated. Own writes and local expiries are not reported.
+        """
+        listeners = self._core.listeners
+        listeners.append(callback)
+
+        def unregister() -> None:
+            if callback in listeners:
+                listeners.remove(callback)
+
+        return unregister
+
     # -- introspection --------------------------------------------------------------------
 
     @property
