@@ -19,7 +19,6 @@ from nearcache._codec import Invalidation, Kind, channel_name
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
 from nearcache._exceptions import (
-    BackplaneError,
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
@@ -417,7 +416,7 @@ class AsyncNearCache:
                 try:
                     await backplane.publish(payloads)
                     break
-                except BackplaneError as exc:
+                except Exception as exc:  # a failed publish is retried, whatever failed
                     core.stats.publish_failures += 1
                     core.last_error = str(exc)
                     if core.batch_superseded():

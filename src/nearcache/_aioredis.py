@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane"]
 
+log = logging.getLogger("nearcache")
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
 
@@ -164,7 +166,9 @@ class AsyncRedisBackplane:
                 self._set_state(BackplaneState.CONNECTED)
                 delay = _RECONNECT_MIN
                 await self._listen(pubsub, listener)
-            except (redis.RedisError, OSError, StalledError, ValueError) as exc:
+            except Exception as exc:  # any failure ends this subscription, never the listener
+                if not isinstance(exc, (redis.RedisError, OSError, StalledError, ValueError)):
+                    log.exception("nearcache: unexpected error in the listener; resubscribing")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._set_state(BackplaneState.DISCONNECTED, self.last_error)
             finally:

@@ -277,8 +277,12 @@ class CacheCore:
             # substitute: the batch is never silently lost and the sender never wedges.
             # (Runs unlocked: the sequence numbers were reserved by take_ops.)
             self.last_error = f"could not encode a batch, sent a clear instead: {exc}"
+            # Every reserved sequence number is used, so that receivers see no gap.
             clear = [Invalidation(Kind.CLEAR)]
-            return [encode(self.instance_id, first, clear, signing_key=self._signing)]
+            return [
+                encode(self.instance_id, first + i, clear, signing_key=self._signing)
+                for i in range(max(1, len(chunks)))
+            ]
 
     def batch_sent(self, payloads: list[bytes]) -> None:
         """The batch in flight was acknowledged by Redis."""

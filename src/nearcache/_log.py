@@ -241,5 +241,7 @@ def reconcile(
 
 
 def parse_entries(page: Any) -> list[tuple[EntryId, bytes]]:
-    """Entries of an XRANGE/XREVRANGE reply as (id, message)."""
-    return [(parse_id(eid), bytes(fields[b"m"])) for eid, fields in page or ()]
+    """Entries of an XRANGE/XREVRANGE reply as (id, message); an entry without a message
+    field (not written by nearcache) is kept with an empty message, which the cache counts
+    as malformed."""
+    return [(parse_id(eid), bytes((fields or {}).get(b"m", b""))) for eid, fields in page or ()]

@@ -18,6 +18,7 @@ silent resubscription are switched off: a lost connection must never go unnotice
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -44,6 +45,7 @@ from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch", "publish_messages"]
 
+log = logging.getLogger("nearcache")
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
 REPLAY_PAGE = 1000
@@ -219,9 +221,11 @@ class RedisBackplane:
                 self._set_state(BackplaneState.CONNECTED)
                 delay = _RECONNECT_MIN
                 self._listen(pubsub, listener)
-            except (redis.RedisError, OSError, StalledError, ValueError) as exc:
+            except Exception as exc:  # any failure ends this subscription, never the listener
                 if self._closing.is_set():
                     break
+                if not isinstance(exc, (redis.RedisError, OSError, StalledError, ValueError)):
+                    log.exception("nearcache: unexpected error in the listener; resubscribing")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._set_state(BackplaneState.DISCONNECTED, self.last_error)
             finally:

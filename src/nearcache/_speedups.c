@@ -213,6 +213,8 @@ Reader_init(ReaderObject *self, PyObject *args, PyObject *kwds)
 static int
 Reader_traverse(ReaderObject *self, visitproc visit, void *arg)
 {
+    if (self->spare != NULL)
+        Py_VISIT(self->spare->result);
     Py_VISIT(self->default_bucket);
     Py_VISIT(self->regions);
     Py_VISIT(self->clock);
@@ -277,12 +279,26 @@ parse_get_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObj
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *name = PyTuple_GET_ITEM(kwnames, i);
             PyObject *value = args[nargs + i];
-            if (PyUnicode_CompareWithASCIIString(name, "region") == 0)
-                *region = value;
+            int index;
+            if (PyUnicode_CompareWithASCIIString(name, "key") == 0)
+                index = 0;
             else if (PyUnicode_CompareWithASCIIString(name, "default") == 0)
-                *deflt = value;
-            else if (PyUnicode_CompareWithASCIIString(name, "key") == 0)
+                index = 1;
+            else if (PyUnicode_CompareWithASCIIString(name, "region") == 0)
+                index = 2;
+            else
+                index = -1;
+            if (index >= 0 && index < nargs) {
+                PyErr_Format(PyExc_TypeError, "get() got multiple values for argument '%U'",
+                             name);
+                return -1;
+            }
+            if (index == 0)
                 *key = value;
+            else if (index == 1)
+                *deflt = value;
+            else if (index == 2)
+                *region = value;
             else {
                 PyErr_Format(PyExc_TypeError, "get() got an unexpected keyword argument '%U'",
                              name);
@@ -301,23 +317,34 @@ parse_get_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObj
 static PyObject *
 reader_lookup(ReaderObject *self, PyObject *key, PyObject *deflt, PyObject *region)
 {
+    /* Hashing a key or region may run Python code (a str subclass), which may let another
+     * thread clear the cache and free the dicts: hold strong references throughout. */
     PyObject *bucket;
     if (region == Py_None) {
         bucket = self->default_bucket;
+        Py_XINCREF(bucket);
     }
     else {
-        bucket = PyDict_GetItemWithError(self->regions, region);
+        PyObject *regions = self->regions;
+        Py_INCREF(regions);
+        bucket = PyDict_GetItemWithError(regions, region);
+        Py_XINCREF(bucket);
+        Py_DECREF(regions);
         if (bucket == NULL && PyErr_Occurred())
             return NULL;
     }
     if (bucket != NULL && PyDict_CheckExact(bucket)) {
-        PyObject *found = PyDict_GetItemWithError(bucket, key); /* borrowed */
-        if (found == NULL && PyErr_Occurred())
+        PyObject *found = PyDict_GetItemWithError(bucket, key); /* borrowed from bucket */
+        if (found == NULL && PyErr_Occurred()) {
+            Py_DECREF(bucket);
             return NULL;
+        }
         if (found != NULL && Py_TYPE(found) == &EntryType) {
             EntryObject *entry = (EntryObject *)found;
             double now;
             Py_INCREF(entry); /* the clock may run Python code that drops it */
+            Py_DECREF(bucket);
+            bucket = NULL;
             if (reader_now(self, &now) < 0) {
                 Py_DECREF(entry);
                 return NULL;
@@ -337,6 +364,7 @@ reader_lookup(ReaderObject *self, PyObject *key, PyObject *deflt, PyObject *regi
             Py_DECREF(entry);
         }
     }
+    Py_XDECREF(bucket);
     self->misses++;
     Py_INCREF(deflt);
     return deflt;
@@ -362,9 +390,13 @@ Reader_aget(ReaderObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
         return NULL;
     ReadyObject *spare = self->spare;
     if (spare != NULL && Py_REFCNT(spare) == 1) {
-        /* Nobody else holds the last one: the common `await cache.get(k)` pattern. */
-        Py_XSETREF(spare->result, value);
+        /* Nobody else holds the last one: the common `await cache.get(k)` pattern. Take our
+         * reference before releasing the old result: its finalizer may read the cache, and
+         * must then see this awaitable as taken. */
+        PyObject *old = spare->result;
+        spare->result = value;
         Py_INCREF(spare);
+        Py_XDECREF(old);
         return (PyObject *)spare;
     }
     ReadyObject *ready = PyObject_New(ReadyObject, &ReadyType);

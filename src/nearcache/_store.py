@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -215,7 +216,8 @@ class L1Store:
         self._reader = _Reader(
             self._default,
             self._regions,
-            None if clock is time.monotonic else clock,
+            # The C reader reads CLOCK_MONOTONIC itself, which is time.monotonic on Linux.
+            None if clock is time.monotonic and sys.platform.startswith("linux") else clock,
             math.inf if max_staleness == math.inf else -math.inf,
             max_staleness,
         )
@@ -342,7 +344,7 @@ class L1Store:
         if old is None:
             self._sweep(now, 2)
             # Make room before inserting, so the new entry is never its own victim.
-            while self._count >= self._max_entries:
+            while self._count >= self._max_entries and self._ring:
                 self._evict_one(now)
             bucket = self._default if region is None else self._regions.setdefault(region, {})
             self._count += 1

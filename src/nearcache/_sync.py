@@ -15,7 +15,6 @@ from nearcache._codec import Invalidation, Kind, channel_name
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
 from nearcache._exceptions import (
-    BackplaneError,
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
@@ -501,7 +500,7 @@ class NearCache:
                 try:
                     backplane.publish(payloads)
                     break
-                except BackplaneError as exc:
+                except Exception as exc:  # a failed publish is retried, whatever failed
                     with self._cond:
                         core.stats.publish_failures += 1
                         core.last_error = str(exc)
