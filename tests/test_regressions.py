@@ -1,4 +1,4 @@
-"""Review findings: each test fails on the code as reviewed and documents one bug."""
+"""Regressions found in review: each test failed on the code it was written against."""
 
 from __future__ import annotations
 
