@@ -66,7 +66,11 @@ def nc_subscriber(control: Control, url: str, channel: str, n: int) -> dict[str,
     }
 
 
-def nc_writer(control: Control, url: str, channel: str, n: int) -> dict[str, Any]:
+def nc_writer(
+    control: Control, url: str, channel: str, n: int, bulk: bool = False
+) -> dict[str, Any]:
+    """Invalidate the keys chunk by chunk: ``remove`` per key, or one ``remove_many`` per
+    chunk with ``bulk``."""
     from nearcache import NearCache
 
     # max_pending >= n: the outbox must not degrade the run into one clear-all
@@ -77,11 +81,14 @@ def nc_writer(control: Control, url: str, channel: str, n: int) -> dict[str, Any
     control.wait_go()
     time.sleep(0.05)
     stamps = []
-    clock, remove = time.monotonic, cache.remove
+    clock, remove, remove_many = time.monotonic, cache.remove, cache.remove_many
     for chunk in chunks:
         stamps.append(clock())
-        for k in chunk:
-            remove(k)
+        if bulk:
+            remove_many(chunk)
+        else:
+            for k in chunk:
+                remove(k)
     loop_done = clock()
     cache.flush(timeout=60)
     flushed = clock()
@@ -97,32 +104,8 @@ def nc_writer(control: Control, url: str, channel: str, n: int) -> dict[str, Any
 
 
 def nc_writer_bulk(control: Control, url: str, channel: str, n: int) -> dict[str, Any]:
-    """The same, invalidating each chunk of keys with one ``remove_many`` call."""
-    from nearcache import NearCache
-
-    cache = NearCache(url, channel=channel, abort_connect=True, max_pending=max(n, 100_000))
-    keys = _keys(n)
-    chunks = [keys[i : i + CHUNK] for i in range(0, n, CHUNK)]
-    control.report("ready")
-    control.wait_go()
-    time.sleep(0.05)
-    stamps = []
-    clock, remove_many = time.monotonic, cache.remove_many
-    for chunk in chunks:
-        stamps.append(clock())
-        remove_many(chunk)
-    loop_done = clock()
-    cache.flush(timeout=60)
-    flushed = clock()
-    stats = cache.stats()
-    cache.close()
-    return {
-        "stamps": stamps,
-        "loop_done": loop_done,
-        "flushed": flushed,
-        "degraded": stats.degraded_to_clear,
-        "messages": stats.messages_sent,
-    }
+    """:func:`nc_writer` with ``remove_many``."""
+    return nc_writer(control, url, channel, n, bulk=True)
 
 
 def raw_subscriber(control: Control, url: str, channel: str, n: int) -> dict[str, Any]:
