@@ -40,10 +40,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=None, help="repetitions per section (default: per section)"
     )
     parser.add_argument(
-        "--output", type=Path, default=RESULTS, help=f"where to write latest.md/.png ({RESULTS})"
+        "--output",
+        type=Path,
+        default=None,
+        help=f"where to write latest.md/.png ({RESULTS} for a full run; "
+        f"{RESULTS / 'partial'} for --quick or --only, so they never replace the full results)",
     )
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.output is None:
+        partial = args.quick or set(args.sections) != set(SECTIONS)
+        args.output = RESULTS / "partial" if partial else RESULTS
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown or not args.sections:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
