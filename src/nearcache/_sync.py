@@ -218,10 +218,11 @@ class NearCache:
         (they were current at the fork) until the child's first subscription repairs them."""
         if self._state is CacheState.CLOSED:
             return
-        store = self._core.store
+        store, listeners = self._core.store, self._core.listeners
         custom = self._settings is None
         self._init_runtime()
         self._core.store = store
+        self._core.listeners = listeners
         self._store = store
         self.get = store.get  # type: ignore[method-assign]
         if self._backplane is not None and not custom:
