@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearcache import _store
+from tests.clock import FakeClock
 
 try:
     from nearcache import _speedups as speedups
@@ -25,14 +26,6 @@ def test_ci_builds_the_accelerator() -> None:
         assert not _store.ACCELERATED
     else:
         assert _store.ACCELERATED
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 entries = st.tuples(
@@ -70,7 +63,7 @@ def test_c_and_python_readers_agree(
         (_store._PyEntry, _store._PyReader),
         (speedups.Entry, speedups.Reader),
     ):
-        clock = Clock()
+        clock = FakeClock()
         default: dict[object, object] = {}
         regions: dict[str | None, dict[object, object]] = {None: default}
         made = []

@@ -20,25 +20,13 @@ from nearcache._core import (
 )
 from nearcache._exceptions import ConfigurationError
 from nearcache._store import MISSING
+from tests.clock import FakeClock
 
 ME = b"\x01" * 16
 OTHER = b"\x02" * 16
 THIRD = b"\x03" * 16
 CLEAR = Invalidation(Kind.CLEAR)
 Signing = tuple[str, bytes] | None
-
-
-class FakeClock:
-    """A clock that only moves when a test advances it."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

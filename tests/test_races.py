@@ -20,15 +20,8 @@ from nearcache import (
     MemoryBroker,
     NearCache,
 )
+from tests.clock import FakeClock
 from tests.servers import RedisServer, wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class SilentBackplane:
@@ -53,7 +46,7 @@ class SilentBackplane:
 def test_a_caller_does_not_join_a_load_older_than_the_bound() -> None:
     """While the backplane is silent, a caller arriving more than max_staleness after a load
     started runs its own load instead of waiting for a value that may predate a write."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     cache = NearCache(backplane=SilentBackplane(), max_staleness=1.0, clock=clock)
     release = threading.Event()
     started = threading.Event()

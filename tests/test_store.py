@@ -8,19 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from nearcache._store import MISSING, L1Store, StoreStats
-
-
-class FakeClock:
-    """A clock that only moves when a test advances it."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import FakeClock
 
 
 @pytest.fixture

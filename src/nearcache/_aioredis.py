@@ -27,10 +27,13 @@ from nearcache._log import (
     PUBLISH_SCRIPT,
     Cursor,
     EntryId,
+    log_keys,
+    new_epoch,
     parse_entries,
+    publish_script_call,
     reconcile,
 )
-from nearcache._redis import REPLAY_PAGE, log_keys, new_epoch
+from nearcache._redis import REPLAY_PAGE
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane"]
@@ -121,16 +124,8 @@ class AsyncRedisBackplane:
         """Log and publish every payload in one round trip; return the last receiver count."""
         try:
             if self._log_length:
-                args: list[str | int | bytes] = [
-                    self._channel,
-                    self._log_length,
-                    new_epoch(),
-                    *payloads,
-                ]
-                result = await self._publish_script(
-                    keys=[self._log_key, self._epoch_key], args=args
-                )
-                return int(result[2])
+                keys, args = publish_script_call(self._channel, self._log_length, payloads)
+                return int((await self._publish_script(keys=keys, args=args))[2])
             if len(payloads) == 1:
                 return int(await self._publisher.publish(self._channel, payloads[0]))
             async with self._publisher.pipeline(transaction=False) as pipe:

@@ -21,6 +21,7 @@ No I/O here: the backplanes read the log and call these decisions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,8 +34,11 @@ __all__ = [
     "Cursor",
     "EntryId",
     "Envelope",
+    "log_keys",
+    "new_epoch",
     "parse_entries",
     "parse_id",
+    "publish_script_call",
     "reconcile",
     "unwrap",
 ]
@@ -72,6 +76,23 @@ if not epoch then
 end
 return epoch
 """
+
+
+def log_keys(channel: str) -> tuple[str, str]:
+    """The replay log's stream key and epoch key of a wire channel."""
+    return f"{channel}:log", f"{channel}:epoch"
+
+
+def new_epoch() -> str:
+    """A fresh random epoch candidate (used by the scripts only if Redis has none)."""
+    return os.urandom(8).hex()
+
+
+def publish_script_call(
+    channel: str, log_length: int, payloads: Sequence[bytes]
+) -> tuple[list[str], list[str | int | bytes]]:
+    """The KEYS and ARGV of :data:`PUBLISH_SCRIPT` for these messages."""
+    return list(log_keys(channel)), [channel, log_length, new_epoch(), *payloads]
 
 
 class EntryId(NamedTuple):

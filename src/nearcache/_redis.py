@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import socket
 import threading
@@ -38,7 +37,10 @@ from nearcache._log import (
     PUBLISH_SCRIPT,
     Cursor,
     EntryId,
+    log_keys,
+    new_epoch,
     parse_entries,
+    publish_script_call,
     reconcile,
 )
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
@@ -49,16 +51,6 @@ log = logging.getLogger("nearcache")
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
 REPLAY_PAGE = 1000
-
-
-def new_epoch() -> str:
-    """A fresh random epoch candidate (used only if Redis has none)."""
-    return os.urandom(8).hex()
-
-
-def log_keys(channel: str) -> tuple[str, str]:
-    """The replay log's stream key and epoch key of a channel."""
-    return f"{channel}:log", f"{channel}:epoch"
 
 
 def publish_messages(
@@ -74,8 +66,8 @@ def publish_messages(
     if log_length:
         if script is None:
             script = client.register_script(PUBLISH_SCRIPT)
-        args: list[str | int | bytes] = [channel, log_length, new_epoch(), *payloads]
-        return int(script(keys=list(log_keys(channel)), args=args)[2])
+        keys, args = publish_script_call(channel, log_length, payloads)
+        return int(script(keys=keys, args=args)[2])
     if len(payloads) == 1:
         return int(client.publish(channel, payloads[0]))
     with client.pipeline(transaction=False) as pipe:
