@@ -320,18 +320,21 @@ class L1Store:
         reservation = self._reservations.pop((region, key), None)
         if reservation is not None:
             reservation.cancelled = True
-        self._insert(key, value, region, self._clock(), ttl, sliding)
+        self._insert(key, value, region, None, ttl, sliding)
 
     def _insert(
         self,
         key: Hashable,
         value: object,
         region: Region,
-        stored: float,
+        stored: float | None,
         ttl: float | None,
         sliding: float | None,
     ) -> None:
+        """Store an entry known current as of ``stored`` (None: now, read once)."""
         now = self._clock()
+        if stored is None:
+            stored = now
         ttl = self._ttl if ttl is None else ttl
         sliding = self._sliding if sliding is None else sliding
         deadline = now + self._max_age if ttl is None else now + min(ttl, self._max_age)
