@@ -5,9 +5,9 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "nearcache._speedups",
-            ["src/nearcache/_speedups.c"],
-            optional=True,  # no compiler: the pure-Python path in _store.py is used
+            "nearcache._core._speedups",
+            ["src/nearcache/_core/_speedups.c"],
+            optional=True,  # no compiler: the pure-Python path in _core/store.py is used
             extra_compile_args=["-O2"],
         )
     ]

@@ -189,7 +189,7 @@ async def _settle(contenders: list[_Contender]) -> None:
 
 
 async def _measure(url: str, reps: int, number: int, peers: bool) -> dict[str, Any]:
-    from nearcache import _store
+    from nearcache._core import store as _store
 
     keys = [f"key:{i:06d}" for i in range(N_KEYS)]
     absent = [f"absent:{i:06d}" for i in range(N_KEYS)]

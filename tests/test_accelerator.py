@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearcache import _store
+from nearcache._core import store as _store
 from tests.clock import FakeClock
 
 try:
-    from nearcache import _speedups as speedups
+    from nearcache._core import _speedups as speedups
 except ImportError:  # pragma: no cover - no compiler where the package was installed
     if os.environ.get("CI"):
         raise  # CI must build it: a silent fallback would leave the C path untested

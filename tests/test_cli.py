@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from nearcache import MISSING, BackplaneState, NearCache, __version__
-from nearcache._cli import main
-from nearcache._codec import Invalidation, Kind, channel_name, encode
-from nearcache._demo_view import Board, format_latency, percentile, plain_output_reason
+from nearcache._cli.demo.view import Board, format_latency, percentile, plain_output_reason
+from nearcache._cli.main import main
+from nearcache._core.codec import Invalidation, Kind, channel_name, encode
 from tests.servers import RedisServer, wait_until
 
 DEMO_TIMEOUT = 90.0
@@ -430,7 +430,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_import_loads_neither_redis_nor_rich() -> None:
     """Importing the CLI imports neither redis nor rich: --help is fast, rich is optional."""
-    code = "import sys, nearcache._cli; print('redis' in sys.modules, 'rich' in sys.modules)"
+    code = "import sys, nearcache._cli.main; print('redis' in sys.modules, 'rich' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearcache._codec import (
+from nearcache._core.codec import (
     HEADER,
     MAGIC,
     VERSION,
@@ -426,7 +426,7 @@ def test_encoded_int_key_is_never_rejected_by_decode(key: int) -> None:
 def test_channel_name_carries_a_non_default_database() -> None:
     """The replay log lives in one database while Pub/Sub spans them all, so a database other
     than 0 is part of the wire channel; db 0 keeps the plain name."""
-    from nearcache._codec import channel_name
+    from nearcache._core.codec import channel_name
 
     assert channel_name("shop") == "nearcache:v1:shop"
     assert channel_name("shop", "tenant:", 0) == "tenant:nearcache:v1:shop"

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from nearcache._codec import Invalidation, Kind, decode, encode
-from nearcache._core import (
+from nearcache._core.cache import (
     BATCH_MAX_OPS,
     MESSAGE_MAX_OPS,
     CacheCore,
@@ -18,8 +17,9 @@ from nearcache._core import (
     check_region,
     snapshot,
 )
+from nearcache._core.codec import Invalidation, Kind, decode, encode
+from nearcache._core.store import MISSING
 from nearcache._exceptions import ConfigurationError
-from nearcache._store import MISSING
 from tests.clock import FakeClock
 
 ME = b"\x01" * 16

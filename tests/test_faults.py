@@ -177,7 +177,7 @@ def test_garbage_and_foreign_messages_are_counted_and_dropped(
 ) -> None:
     """Random bytes, a future protocol version and a signed message without a secret are
     counted as malformed; the listener keeps working."""
-    from nearcache._codec import HEADER, Invalidation, Kind, encode
+    from nearcache._core.codec import HEADER, Invalidation, Kind, encode
 
     with (
         NearCache(redis_server.url, channel=channel) as a,
@@ -260,8 +260,8 @@ def test_publisher_connection_errors_are_retried(
 def test_redis_py_has_no_silent_retry() -> None:
     """The backplane's clients never retry on their own (a retry could hide a lost
     subscription)."""
+    from nearcache._backplane.redis import make_client_kwargs
     from nearcache._config import parse_connection_string
-    from nearcache._redis import make_client_kwargs
 
     kwargs = make_client_kwargs(parse_connection_string("127.0.0.1:1"))
     client = redis.Redis(**kwargs)

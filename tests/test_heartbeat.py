@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from nearcache._heartbeat import Heartbeat, Receiver, StalledError
-from nearcache._log import ENVELOPE_MAGIC, Cursor, EntryId
+from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._core.log import ENVELOPE_MAGIC, Cursor, EntryId
 
 # -- Heartbeat ----------------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def test_tls_async(tls_redis: RedisServer, channel: str) -> None:
 def test_signed_messages_and_forgeries(redis_server: RedisServer, channel: str) -> None:
     """With a secret, signed messages are applied, unsigned or forged ones are counted and
     dropped, and a rotated key is still accepted while it is listed."""
-    from nearcache._codec import Invalidation, Kind, encode
+    from nearcache._core.codec import Invalidation, Kind, encode
 
     url = redis_server.url
     with (
@@ -267,3 +267,36 @@ def test_every_public_name_is_exported() -> None:
     assert set(nearcache.__all__) == (public - modules) | {"__version__"}
     for name in nearcache.__all__:
         assert getattr(nearcache, name) is not None
+
+
+def test_the_core_imports_no_io() -> None:
+    """Nothing under nearcache._core imports redis, asyncio or threading: every decision there
+    runs without I/O and takes its time from an injected clock."""
+    import ast
+    import pathlib
+
+    core = pathlib.Path(nearcache.__file__).parent / "_core"
+    forbidden = {"redis", "asyncio", "threading", "socket"}
+    for path in core.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_the_command_is_installed_and_runs_as_a_module() -> None:
+    """The ``nearcache`` console script and ``python -m nearcache`` both answer --version."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("nearcache", path=os.path.dirname(sys.executable))
+    assert script is not None
+    for argv in ([script, "--version"], [sys.executable, "-m", "nearcache", "--version"]):
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == f"nearcache {nearcache.__version__}"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._core.log import Cursor, EntryId, Envelope, parse_id, reconcile, unwrap
 from nearcache._exceptions import MessageError
-from nearcache._heartbeat import Heartbeat, Receiver, StalledError
-from nearcache._log import Cursor, EntryId, Envelope, parse_id, reconcile, unwrap
 from nearcache._typing import BackplaneState
 
 

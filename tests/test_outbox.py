@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearcache._codec import Invalidation, Kind
-from nearcache._outbox import Outbox
+from nearcache._core.codec import Invalidation, Kind
+from nearcache._core.outbox import Outbox
 
 CLEAR = Invalidation(Kind.CLEAR)
 

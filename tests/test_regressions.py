@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from nearcache import _store
-from nearcache._codec import Invalidation, Kind
-from nearcache._core import CacheCore, CacheOptions
+from nearcache._core import store as _store
+from nearcache._core.cache import CacheCore, CacheOptions
+from nearcache._core.codec import Invalidation, Kind
 
 needs_c = pytest.mark.skipif(not _store.ACCELERATED, reason="the C accelerator is not in use")
 
@@ -45,7 +45,8 @@ def test_c_reader_survives_the_buckets_being_replaced_during_a_lookup(region: st
     documented outcome of a read overlapping an invalidation)."""
     result = _run_isolated(
         f"""
-        from nearcache import NearCache, _store
+        from nearcache import NearCache
+        from nearcache._core import store as _store
         assert _store.ACCELERATED
         cache = NearCache()
         region = {region!r}
@@ -92,7 +93,8 @@ def test_async_get_returns_its_own_value_when_a_finalizer_reads_the_cache() -> N
     result = _run_isolated(
         """
         import asyncio
-        from nearcache import AsyncNearCache, _store
+        from nearcache import AsyncNearCache
+        from nearcache._core import store as _store
         assert _store.ACCELERATED
 
         async def main():

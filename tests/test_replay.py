@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from nearcache import AsyncNearCache, NearCache
-from nearcache._codec import Invalidation, Kind, encode
-from nearcache._redis import log_keys
+from nearcache._backplane.redis import log_keys
+from nearcache._core.codec import Invalidation, Kind, encode
 from tests.servers import RedisServer, TcpProxy, wait_until
 
 

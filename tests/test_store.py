@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nearcache._store import MISSING, L1Store, StoreStats
+from nearcache._core.store import MISSING, L1Store, StoreStats
 from tests.clock import FakeClock
 
 

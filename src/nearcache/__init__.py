@@ -4,10 +4,13 @@ Start with :class:`NearCache` (threads: Django, Flask) or :class:`AsyncNearCache
 FastAPI, Starlette). Nothing runs at import: no connection, no thread.
 """
 
-from nearcache._aio import AsyncNearCache
-from nearcache._codec import Invalidation, Kind
+from nearcache._backplane.memory import AsyncMemoryBackplane, MemoryBackplane, MemoryBroker
 from nearcache._config import Endpoint, RedisSettings, parse_connection_string
-from nearcache._core import CacheOptions, CacheStats
+from nearcache._core.cache import CacheOptions, CacheStats
+from nearcache._core.codec import Invalidation, Kind
+from nearcache._core.store import MISSING
+from nearcache._drivers.aio import AsyncNearCache
+from nearcache._drivers.sync import CacheState, NearCache
 from nearcache._exceptions import (
     BackplaneError,
     BackplaneUnavailableError,
@@ -18,9 +21,6 @@ from nearcache._exceptions import (
     MessageError,
     NearCacheError,
 )
-from nearcache._memory import AsyncMemoryBackplane, MemoryBackplane, MemoryBroker
-from nearcache._store import MISSING
-from nearcache._sync import CacheState, NearCache
 from nearcache._typing import AsyncBackplane, Backplane, BackplaneListener, BackplaneState
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 import sys
 
-from nearcache._cli import main
+from nearcache._cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,16 +23,16 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from nearcache import __version__
-from nearcache._codec import Invalidation, Kind, Message, channel_name, decode, encode
 from nearcache._config import RedisSettings, parse_connection_string
-from nearcache._core import CacheOptions
+from nearcache._core.cache import CacheOptions
+from nearcache._core.codec import Invalidation, Kind, Message, channel_name, decode, encode
+from nearcache._drivers.sync import normalize_secrets
 from nearcache._exceptions import ConfigurationError, ConfigurationWarning, MessageError
-from nearcache._sync import normalize_secrets
 
 if TYPE_CHECKING:
     import redis
 
-    from nearcache._log import Envelope
+    from nearcache._core.log import Envelope
 
 __all__ = ["main"]
 
@@ -347,7 +347,7 @@ def _settings(connection: str) -> RedisSettings:
 def _client(settings: RedisSettings) -> redis.Redis:
     import redis
 
-    from nearcache._redis import make_client_kwargs
+    from nearcache._backplane.redis import make_client_kwargs
 
     return redis.Redis(**make_client_kwargs(settings))
 
@@ -356,7 +356,7 @@ def _client(settings: RedisSettings) -> redis.Redis:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from nearcache._demo import DemoOptions, DemoSetupError, run_demo
+    from nearcache._cli.demo.scenario import DemoOptions, DemoSetupError, run_demo
 
     if args.redis is not None:
         _settings(args.redis)  # a bad string is a usage error, before anything starts
@@ -422,7 +422,7 @@ class _MonitorOutput:
         self.count += 1
         rate = self.rate(time.monotonic())
         wall = datetime.datetime.now(datetime.timezone.utc)
-        from nearcache._log import unwrap
+        from nearcache._core.log import unwrap
 
         envelope: Envelope | None = None
         try:
@@ -621,7 +621,7 @@ def _invalidate(args: argparse.Namespace) -> int:
     payload = encode(sender, 1, operations, signing_key=signing)
     client = _client(settings)
     try:
-        from nearcache._redis import publish_messages
+        from nearcache._backplane.redis import publish_messages
 
         receivers = publish_messages(client, wire, [payload], args.replay_log)
     except (redis.RedisError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""``AsyncNearCache``: the asyncio driver over :class:`nearcache._core.CacheCore`.
+"""``AsyncNearCache``: the asyncio driver over :class:`nearcache._core.cache.CacheCore`.
 
 Everything runs on the event loop that first uses the cache: the listener and sender are
 tasks, the core needs no lock, and nothing blocks the loop. A hit never suspends.
@@ -15,16 +15,23 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from nearcache._codec import Invalidation, Kind, channel_name
 from nearcache._config import RedisSettings, parse_connection_string
-from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
+from nearcache._core.cache import (
+    CacheCore,
+    CacheOptions,
+    CacheStats,
+    check_key,
+    check_region,
+    snapshot,
+)
+from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.store import MISSING, Reservation
+from nearcache._drivers.sync import CacheState, _ClosedStore, normalize_secrets
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
 )
-from nearcache._store import MISSING, Reservation
-from nearcache._sync import CacheState, _ClosedStore, normalize_secrets
 from nearcache._typing import AsyncBackplane, BackplaneState, Clock
 
 __all__ = ["AsyncNearCache"]
@@ -95,7 +102,7 @@ class AsyncNearCache:
         if connection is not None:
             self._settings = parse_connection_string(connection)
             channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
-            from nearcache._aioredis import AsyncRedisBackplane
+            from nearcache._backplane.aioredis import AsyncRedisBackplane
 
             backplane = AsyncRedisBackplane(
                 self._settings,

@@ -30,9 +30,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from nearcache._config import RedisSettings
-from nearcache._exceptions import BackplaneError
-from nearcache._heartbeat import Heartbeat, Receiver, StalledError
-from nearcache._log import (
+from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._core.log import (
     EPOCH_SCRIPT,
     PUBLISH_SCRIPT,
     Cursor,
@@ -43,6 +42,7 @@ from nearcache._log import (
     publish_script_call,
     reconcile,
 )
+from nearcache._exceptions import BackplaneError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch", "publish_messages"]

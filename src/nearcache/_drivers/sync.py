@@ -1,4 +1,4 @@
-"""``NearCache``: the threaded driver over :class:`nearcache._core.CacheCore`."""
+"""``NearCache``: the threaded driver over :class:`nearcache._core.cache.CacheCore`."""
 
 from __future__ import annotations
 
@@ -11,16 +11,23 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from nearcache._codec import Invalidation, Kind, channel_name
 from nearcache._config import RedisSettings, parse_connection_string
-from nearcache._core import CacheCore, CacheOptions, CacheStats, check_key, check_region, snapshot
+from nearcache._core.cache import (
+    CacheCore,
+    CacheOptions,
+    CacheStats,
+    check_key,
+    check_region,
+    snapshot,
+)
+from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.outbox import Outbox
+from nearcache._core.store import MISSING, Reservation
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
 )
-from nearcache._outbox import Outbox
-from nearcache._store import MISSING, Reservation
 from nearcache._typing import Backplane, BackplaneState, Clock
 
 __all__ = ["CacheState", "NearCache", "normalize_secrets"]
@@ -182,7 +189,7 @@ class NearCache:
         self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._sender: threading.Thread | None = None
         if self._settings is not None:
-            from nearcache._redis import RedisBackplane
+            from nearcache._backplane.redis import RedisBackplane
 
             self._backplane = RedisBackplane(
                 self._settings,

@@ -135,7 +135,7 @@ def _implementation() -> tuple[Any, Any]:
     if os.environ.get("NEARCACHE_PURE_PYTHON"):
         return _PyEntry, _PyReader
     try:
-        from nearcache import _speedups
+        from nearcache._core import _speedups
     except ImportError:  # pragma: no cover - built without a compiler
         return _PyEntry, _PyReader
     return _speedups.Entry, _speedups.Reader

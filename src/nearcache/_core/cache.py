@@ -12,10 +12,10 @@ import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
-from nearcache._codec import Invalidation, Kind, decode, encode, split
+from nearcache._core.codec import Invalidation, Kind, decode, encode, split
+from nearcache._core.outbox import Outbox
+from nearcache._core.store import L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
-from nearcache._outbox import Outbox
-from nearcache._store import L1Store
 
 __all__ = ["BackplaneStats", "CacheCore", "CacheOptions", "check_key", "check_region"]
 

@@ -2,8 +2,8 @@
 
 The coordinator (this module, the parent process) starts a private ``redis-server`` (or uses
 ``--redis``), creates a SQLite product catalog, launches N instance processes
-(:mod:`nearcache._demo_instance`) and drives a scenario over their control channels
-(:mod:`nearcache._demo_fleet`):
+(:mod:`nearcache._cli.demo.instance`) and drives a scenario over their control channels
+(:mod:`nearcache._cli.demo.fleet`):
 
 1. every instance reads product 42 (loaded from SQLite, then served from L1);
 2. A updates product 42 (SQLite, ``set``/``remove``, ``flush``); every other instance must
@@ -42,11 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from nearcache._cli.demo.catalog import HOT_PRODUCT, PRODUCT_COUNT, REGIONS, create
+from nearcache._cli.demo.fleet import Call, InstanceError, InstanceProcess, close_all
+from nearcache._cli.demo.server import (
+    INSTALL_HINT,
+    PrivateRedis,
+    RedisStartError,
+    find_redis_server,
+)
+from nearcache._cli.demo.view import Board, format_latency, percentile, plain_output_reason
 from nearcache._config import RedisSettings, parse_connection_string
-from nearcache._demo_catalog import HOT_PRODUCT, PRODUCT_COUNT, REGIONS, create
-from nearcache._demo_fleet import Call, InstanceError, InstanceProcess, close_all
-from nearcache._demo_redis import INSTALL_HINT, PrivateRedis, RedisStartError, find_redis_server
-from nearcache._demo_view import Board, format_latency, percentile, plain_output_reason
 from nearcache._exceptions import ConfigurationWarning
 
 __all__ = ["DemoOptions", "DemoSetupError", "run_demo"]
@@ -139,7 +144,7 @@ def _check_reachable(connection: str) -> str:
     """PING the Redis of ``--redis``; return its safe description."""
     import redis
 
-    from nearcache._redis import make_client_kwargs
+    from nearcache._backplane.redis import make_client_kwargs
 
     settings = _settings(connection)
     client = redis.Redis(**make_client_kwargs(settings))
@@ -170,8 +175,8 @@ def _drop_replay_log(connection: str, channel: str) -> None:
     """Delete the replay log the instances kept in a Redis given with ``--redis``."""
     import redis
 
-    from nearcache._codec import channel_name
-    from nearcache._redis import log_keys, make_client_kwargs
+    from nearcache._backplane.redis import log_keys, make_client_kwargs
+    from nearcache._core.codec import channel_name
 
     settings = _settings(connection)
     with (

@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from nearcache._backplane.redis import REPLAY_PAGE
 from nearcache._config import RedisSettings
-from nearcache._exceptions import BackplaneError
-from nearcache._heartbeat import Heartbeat, Receiver, StalledError
-from nearcache._log import (
+from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
+from nearcache._core.log import (
     EPOCH_SCRIPT,
     PUBLISH_SCRIPT,
     Cursor,
@@ -33,7 +33,7 @@ from nearcache._log import (
     publish_script_call,
     reconcile,
 )
-from nearcache._redis import REPLAY_PAGE
+from nearcache._exceptions import BackplaneError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane"]

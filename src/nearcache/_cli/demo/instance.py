@@ -1,12 +1,12 @@
 """One instance of ``nearcache demo``: a process serving the catalog through a NearCache.
 
-Run as ``python -m nearcache._demo_instance`` by the coordinator (``nearcache._demo``) and
-driven over JSON lines. The first stdin line is the configuration; every later line is a
-command ``{"id": n, "op": "...", ...}``. Replies go to stdout (which carries nothing else) as
-``{"id": n, "stage": "done", "ok": true, ...}``; a ``watch`` sends ``"stage": "armed"`` first.
-Every command runs on its own thread, so a slow one (a flush, a watch) never holds up the
-others. The process ends on stdin EOF: when the coordinator exits, however it exits, its
-instances follow.
+Run as ``python -m nearcache._cli.demo.instance`` by the coordinator
+(``nearcache._cli.demo.scenario``) and driven over JSON lines. The first stdin line is the
+configuration; every later line is a command ``{"id": n, "op": "...", ...}``. Replies go to
+stdout (which carries nothing else) as ``{"id": n, "stage": "done", "ok": true, ...}``; a
+``watch`` sends ``"stage": "armed"`` first. Every command runs on its own thread, so a slow
+one (a flush, a watch) never holds up the others. The process ends on stdin EOF: when the
+coordinator exits, however it exits, its instances follow.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from nearcache._demo_catalog import (
+from nearcache._cli.demo.catalog import (
     PRODUCT_COUNT,
     REGIONS,
     Price,
@@ -34,9 +34,9 @@ from nearcache._demo_catalog import (
     load,
     update_price,
 )
+from nearcache._core.store import MISSING
+from nearcache._drivers.sync import NearCache
 from nearcache._exceptions import FlushTimeoutError
-from nearcache._store import MISSING
-from nearcache._sync import NearCache
 
 __all__ = ["main"]
 

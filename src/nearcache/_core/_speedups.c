@@ -1,5 +1,5 @@
 /*
- * nearcache._speedups: the L1 hit path in C (optional; _store.py has the same logic in Python).
+ * nearcache._core._speedups: the L1 hit path in C (optional; _store.py has the same logic in Python).
  *
  * Entry   - one cached value with its timestamps (the fields _store.py reads and writes).
  * Reader  - get(key, default=None, region=None): a dictionary lookup, one clock read and the
@@ -97,7 +97,7 @@ static PyMemberDef Entry_members[] = {
 
 static PyTypeObject EntryType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nearcache._speedups.Entry",
+    .tp_name = "nearcache._core._speedups.Entry",
     .tp_basicsize = sizeof(EntryObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One cached value with its timestamps.",
@@ -166,7 +166,7 @@ static PyAsyncMethods Ready_async = {
 
 static PyTypeObject ReadyType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nearcache._speedups.Ready",
+    .tp_name = "nearcache._core._speedups.Ready",
     .tp_basicsize = sizeof(ReadyObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "An awaitable that is already complete.",
@@ -431,7 +431,7 @@ static PyMemberDef Reader_members[] = {
 
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nearcache._speedups.Reader",
+    .tp_name = "nearcache._core._speedups.Reader",
     .tp_basicsize = sizeof(ReaderObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The L1 read path.",
@@ -448,7 +448,7 @@ static PyTypeObject ReaderType = {
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "nearcache._speedups",
+    .m_name = "nearcache._core._speedups",
     .m_doc = "The L1 hit path in C.",
     .m_size = -1,
 };

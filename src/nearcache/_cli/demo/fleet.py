@@ -1,6 +1,6 @@
 """The coordinator's side of the demo's control channel: instance processes and their replies.
 
-Each instance is a ``python -m nearcache._demo_instance`` child. Requests go as JSON lines
+Each instance is a ``python -m nearcache._cli.demo.instance`` child. Requests go as JSON lines
 to its stdin; one reader thread per child matches the replies on its stdout to the waiting
 :class:`Call`. Every wait has a deadline, and a child that dies fails its calls at once.
 """
@@ -102,7 +102,7 @@ class InstanceProcess:
         )
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "nearcache._demo_instance"],
+                [sys.executable, "-m", "nearcache._cli.demo.instance"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

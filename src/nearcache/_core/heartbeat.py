@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nearcache._core.log import Cursor, unwrap
 from nearcache._exceptions import MessageError
-from nearcache._log import Cursor, unwrap
 from nearcache._typing import BackplaneListener
 
 __all__ = ["Heartbeat", "Receiver", "StalledError"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
-from nearcache._codec import Invalidation, Kind
+from nearcache._core.codec import Invalidation, Kind
 
 __all__ = ["Outbox"]
 
