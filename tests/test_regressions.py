@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,52 @@ def test_a_batch_replaced_by_a_clear_leaves_no_sequence_gap() -> None:
         assert receiver.receive(payload)
     assert receiver.stats.sequence_gaps == 0
     assert receiver.store.peek("kept") == 1
+
+
+# -- issue 8, defect 5: keys were validated only on a miss -------------------------------------
+
+
+class _LooksLike:
+    """An object of a type nearcache refuses that equals (and hashes like) a valid key."""
+
+    def __init__(self, twin: object) -> None:
+        self.twin = twin
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.twin
+
+    def __hash__(self) -> int:
+        return hash(self.twin)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("bad_key", "bad_region", "key", "region"),
+    [
+        (1.0, None, 1, None),
+        (_LooksLike(1), None, 1, None),
+        (memoryview(b"k"), None, b"k", None),
+        ("k", _LooksLike("r"), "k", "r"),
+    ],
+    ids=["float", "int-look-alike", "memoryview", "region-look-alike"],
+)
+def test_get_or_set_refuses_a_bad_key_on_a_hit_as_on_a_miss(
+    kind: str, bad_key: object, bad_region: object, key: object, region: str | None
+) -> None:
+    """get_or_set(1.0, f) returned the value cached under 1 while 1 was cached and raised
+    TypeError once it was gone: the answer must not depend on what happens to be cached."""
+    import asyncio
+
+    from nearcache import AsyncNearCache, NearCache
+
+    cache: Any = NearCache() if kind == "sync" else AsyncNearCache()
+
+    def run(result: object) -> object:
+        return asyncio.run(result) if asyncio.iscoroutine(result) else result  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError):
+        run(cache.get_or_set(bad_key, lambda: "loaded", region=bad_region))  # a miss
+    run(cache.set(key, "cached", region=region))
+    with pytest.raises(TypeError):
+        run(cache.get_or_set(bad_key, lambda: "loaded", region=bad_region))  # a hit
+    assert run(cache.get_or_set(key, lambda: "loaded", region=region)) == "cached"

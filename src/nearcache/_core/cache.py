@@ -17,7 +17,14 @@ from nearcache._core.outbox import Outbox
 from nearcache._core.store import L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
 
-__all__ = ["BackplaneStats", "CacheCore", "CacheOptions", "check_key", "check_region"]
+__all__ = [
+    "PLAIN_KEY_TYPES",
+    "BackplaneStats",
+    "CacheCore",
+    "CacheOptions",
+    "check_key",
+    "check_region",
+]
 
 log = logging.getLogger("nearcache")
 MESSAGE_MAX_OPS = 256  # operations per message: a few KiB, one TCP segment or a handful
@@ -25,6 +32,13 @@ BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messa
 
 
 MAX_INT_KEY_BITS = 13_000  # at most 3,914 decimal digits: well inside the wire format's 4,000
+
+
+# Key types whose every value (within the size limits, which no stored key can exceed) may be
+# cached. get_or_set checks the key's type against this before its lookup, so that a key of
+# another type that merely equals a cached one (1.0 == 1) is refused on a hit as on a miss;
+# everything else goes through check_key.
+PLAIN_KEY_TYPES = frozenset((str, int, bytes, bool))
 
 
 def check_key(key: object, region: object) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
+    PLAIN_KEY_TYPES,
     CacheCore,
     CacheOptions,
     CacheStats,
@@ -225,10 +226,12 @@ class AsyncNearCache:
     ) -> T:
         """Return the cached value, or run ``factory()`` once (awaiting it if it returns an
         awaitable), cache and return its result. See :meth:`NearCache.get_or_set`."""
+        # Checked before the lookup: a hit must not let a bad key through (1.0 == 1).
+        if type(key) not in PLAIN_KEY_TYPES or (region is not None and type(region) is not str):
+            check_key(key, region)
         value = self._store.get(key, MISSING, region)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        check_key(key, region)
         self._check_open()
         if not self._started:
             await self.start()

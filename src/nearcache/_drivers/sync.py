@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
+    PLAIN_KEY_TYPES,
     CacheCore,
     CacheOptions,
     CacheStats,
@@ -306,11 +307,15 @@ class NearCache:
         Concurrent callers for the same key wait for one factory call (its error reaches all of
         them and nothing is cached). A result is not cached if the key, its region or the
         whole cache was invalidated while the factory ran: it may predate that write.
+        A key or region that cannot be cached (``1.0``, a ``memoryview``) is refused with
+        ``TypeError`` even when an equal key is cached, as it is on a miss.
         """
-        value = self._store.get(key, MISSING, region)
+        # Checked before the lookup: a hit must not let a bad key through (1.0 == 1).
+        if type(key) not in PLAIN_KEY_TYPES or (region is not None and type(region) is not str):
+            check_key(key, region)
+        value = self.get(key, MISSING, region)  # the store's reader (or the closed one's)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        check_key(key, region)
         ident = (region, key)
         with self._lock:
             self._check_open()
