@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from nearcache._core import store as _store
 from nearcache._core.cache import CacheCore, CacheOptions
 from nearcache._core.codec import Invalidation, Kind
+from tests.servers import RedisServer, wait_until
 
 needs_c = pytest.mark.skipif(not _store.ACCELERATED, reason="the C accelerator is not in use")
 
@@ -219,3 +221,37 @@ def test_get_or_set_refuses_a_bad_key_on_a_hit_as_on_a_miss(
     with pytest.raises(TypeError):
         run(cache.get_or_set(bad_key, lambda: "loaded", region=bad_region))  # a hit
     assert run(cache.get_or_set(key, lambda: "loaded", region=region)) == "cached"
+
+
+# -- issue 8, defect 3: close() from an on_invalidation callback --------------------------------
+
+
+def test_close_from_an_on_invalidation_callback_neither_waits_nor_blocks_the_cache(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """The callback ran on the listener thread holding the cache's lock, so close() joined the
+    sender thread (which needs that lock to see the close) for its full 5 s timeout while every
+    other call on the instance waited. Now close() returns at once, other threads are not
+    held up meanwhile, and every thread of the closed instance ends."""
+    from nearcache import NearCache
+
+    closed = threading.Event()
+    stats_seen = threading.Event()
+    with NearCache(redis_server.url, channel=channel, abort_connect=True) as writer:
+        reader = NearCache(redis_server.url, channel=channel, abort_connect=True)
+        threads = {reader._sender, reader._backplane._thread}  # type: ignore[union-attr]
+
+        def on_invalidation(op: Invalidation) -> None:
+            # While close() runs on this thread, another thread must still get through.
+            probe = threading.Thread(target=lambda: (reader.stats(), stats_seen.set()))
+            probe.start()
+            reader.close()
+            closed.set()
+
+        reader.on_invalidation(on_invalidation)
+        writer.set("k", 1)
+        writer.flush()
+        assert stats_seen.wait(4.0), "stats() was blocked while close() ran in a callback"
+        assert closed.wait(4.0), "close() from a callback waited for a join timeout"
+        wait_until(lambda: not any(t is not None and t.is_alive() for t in threads))
+        assert reader.state.value == "closed"

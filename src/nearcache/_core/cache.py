@@ -211,8 +211,11 @@ class CacheCore:
         self._batch_first_sequence = 0
         self._senders: dict[bytes, int] = {}
         self.last_error: str | None = None
-        # Called with each invalidation received from another instance, once applied.
+        # Called with each invalidation received from another instance, once applied: by
+        # notify(), which the driver calls after releasing its lock, so that a callback may
+        # use the cache (close it, even) without waiting on the thread it runs on.
         self.listeners: list[Callable[[Invalidation], None]] = []
+        self.received: list[Invalidation] = []  # applied, not yet passed to the listeners
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -354,13 +357,17 @@ class CacheCore:
         store.count_invalidation(len(message.operations))
         self.stats.invalidations_received += len(message.operations)
         if self.listeners:
-            self._notify(message.operations)
+            self.received.extend(message.operations)
         return True
 
-    def _notify(self, operations: tuple[Invalidation, ...]) -> None:
-        for op in operations:
-            for listener in list(self.listeners):
-                self._call(listener, op)
+    def notify(self) -> None:
+        """Pass what :meth:`receive` applied to the ``on_invalidation`` callbacks. The driver
+        calls it without its lock held (and from one thread or task at a time)."""
+        while self.received:
+            operations, self.received = self.received, []
+            for op in operations:
+                for listener in list(self.listeners):
+                    self._call(listener, op)
 
     def _call(self, listener: Callable[[Invalidation], None], op: Invalidation) -> None:
         try:

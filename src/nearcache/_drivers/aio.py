@@ -448,7 +448,11 @@ class _Listener:
         self._cache = cache
 
     def on_message(self, payload: bytes) -> bool:
-        return self._cache._core.receive(payload)
+        core = self._cache._core
+        valid = core.receive(payload)
+        if core.received:
+            core.notify()
+        return valid
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         self._cache._core.subscribed(as_of, complete)

@@ -445,9 +445,10 @@ class NearCache:
         """Call ``callback(invalidation)`` for every invalidation received from another
         instance, right after it was applied to L1; return a function that unregisters it.
 
-        It runs on the backplane's listener thread, holding the cache's lock: keep it short.
-        Its exceptions are logged and counted (``stats().listener_errors``), never
-        propagated. Own writes and local expiries are not reported.
+        It runs on the backplane's listener thread, without the cache's lock: it may call
+        any method of the cache, ``close()`` included. Keep it short: the next invalidation
+        waits for it. Its exceptions are logged and counted (``stats().listener_errors``),
+        never propagated. Own writes and local expiries are not reported.
         """
         listeners = self._core.listeners
         listeners.append(callback)
@@ -539,9 +540,12 @@ class _Listener:
         self._cache = cache
 
     def on_message(self, payload: bytes) -> bool:
-        cache = self._cache
-        with cache._lock:
-            return cache._core.receive(payload)
+        core = self._cache._core
+        with self._cache._lock:
+            valid = core.receive(payload)
+        if core.received:
+            core.notify()  # without the lock: a callback may call any method, close() too
+        return valid
 
     def on_subscribed(self, as_of: float, complete: bool) -> None:
         cache = self._cache
