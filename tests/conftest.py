@@ -20,6 +20,7 @@ from tests.servers import (
     make_tls_files,
     redis_server_binary,
 )
+from tests.topologies import ClusterTopology, SentinelTopology
 
 ACL_USER = "app"
 ACL_PASSWORD = "s3cr3t-app-pass"
@@ -150,3 +151,49 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
 def channel() -> str:
     """A channel name unique to this test."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+# -- Sentinel and Cluster topologies (tests/topologies.py) -----------------------------------
+
+SENTINEL_NODE_PASSWORD = "node-s3cr3t-pass"
+SENTINEL_PASSWORD = "sentinel-s3cr3t-pass"
+
+
+@pytest.fixture(scope="session")
+def _sentinel_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    topology = SentinelTopology(
+        tmp_path_factory.mktemp("sentinel"),
+        binary=_require_redis(),
+        password=SENTINEL_NODE_PASSWORD,
+        sentinel_password=SENTINEL_PASSWORD,
+        proxied=True,
+    )
+    with topology:
+        yield topology
+
+
+@pytest.fixture
+def sentinel_set(_sentinel_session: SentinelTopology) -> Iterator[SentinelTopology]:
+    """The shared primary + replica + 3 sentinels (passwords on both; each data node behind
+    a TcpProxy), healthy at the start of the test and healed after it, so a test may fail
+    over, kill or cut anything. Roles change between tests: look the primary up."""
+    _sentinel_session.heal()
+    yield _sentinel_session
+    _sentinel_session.heal()
+
+
+@pytest.fixture(scope="session")
+def _cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    topology = ClusterTopology(tmp_path_factory.mktemp("cluster"), binary=_require_redis())
+    with topology:
+        yield topology
+
+
+@pytest.fixture
+def redis_cluster(_cluster_session: ClusterTopology) -> Iterator[ClusterTopology]:
+    """The shared 3-primary, 3-replica Redis Cluster, healthy at the start of the test and
+    healed after it (a test may move slots, kill or freeze nodes). Owners change between
+    tests: look them up."""
+    _cluster_session.heal()
+    yield _cluster_session
+    _cluster_session.heal()

@@ -564,10 +564,11 @@ class _Side:
 
 
 class _Pipe:
-    __slots__ = ("client", "closed", "upstream")
+    __slots__ = ("client", "closed", "peer", "upstream")
 
-    def __init__(self, client: _Side) -> None:
+    def __init__(self, client: _Side, peer: str = "") -> None:
         self.client = client
+        self.peer = peer  # the client's source address (see TcpProxy.isolate)
         self.upstream: _Side | None = None  # connected lazily while stalled
         self.closed = False
 
@@ -599,6 +600,10 @@ class TcpProxy:
     * :meth:`refuse` makes the proxy accept and immediately reset new connections (Redis down
       behind a load balancer); existing connections are untouched.  :meth:`accept` undoes it.
     * :meth:`delay` adds latency to every forwarded chunk in both directions (order kept).
+    * :meth:`isolate` resets every connection coming from one source address and refuses
+      new ones from it, leaving the others alone (e.g. cut a primary off from Sentinels that
+      connect from ``127.0.0.2``, while clients on ``127.0.0.1`` still reach it);
+      :meth:`rejoin` undoes it.
 
     A failed upstream dial (target down) resets the client connection.
     """
@@ -621,6 +626,7 @@ class TcpProxy:
         self._stalled = False
         self._refusing = False
         self._delay = 0.0
+        self._isolated: set[str] = set()
         self._connections = 0
         self._bytes_forwarded = 0
         self._accepted = 0
@@ -750,6 +756,20 @@ class TcpProxy:
         if seconds < 0:
             raise ValueError("delay must be >= 0")
         self._control(lambda: self._do_delay(float(seconds)))
+
+    def isolate(self, source_host: str) -> None:
+        """Reset connections from ``source_host`` and refuse new ones from it."""
+        self._control(lambda: self._do_isolate(source_host))
+
+    def rejoin(self, source_host: str) -> None:
+        """Accept connections from ``source_host`` again."""
+        self._control(lambda: self._isolated.discard(source_host))
+
+    def _do_isolate(self, source_host: str) -> None:
+        self._isolated.add(source_host)
+        for pipe in list(self._pipes):
+            if pipe.peer == source_host:
+                self._close_pipe(pipe, reset=True)
 
     # -- control plumbing -----------------------------------------------------------------
 
@@ -893,16 +913,16 @@ class TcpProxy:
         assert self._listener is not None
         while True:
             try:
-                sock, _addr = self._listener.accept()
+                sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # e.g. EMFILE/ECONNABORTED: try again on the next wake-up
                 return
             self._accepted += 1
-            if self._refusing:
+            if self._refusing or addr[0] in self._isolated:
                 _reset(sock)
                 continue
-            pipe = _Pipe(_Side(sock))
+            pipe = _Pipe(_Side(sock), addr[0])
             self._pipes.add(pipe)
             self._connections = len(self._pipes)
             if not self._stalled:
