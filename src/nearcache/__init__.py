@@ -7,7 +7,8 @@ FastAPI, Starlette). Nothing runs at import: no connection, no thread.
 from nearcache._backplane.memory import AsyncMemoryBackplane, MemoryBackplane, MemoryBroker
 from nearcache._config import Endpoint, RedisSettings, parse_connection_string
 from nearcache._core.cache import CacheOptions, CacheStats
-from nearcache._core.codec import Invalidation, Kind
+from nearcache._core.codec import Invalidation, Kind, Update
+from nearcache._core.serializer import PickleSerializer, SafeSerializer
 from nearcache._core.store import MISSING
 from nearcache._drivers.aio import AsyncNearCache
 from nearcache._drivers.sync import CacheState, NearCache
@@ -20,8 +21,15 @@ from nearcache._exceptions import (
     FlushTimeoutError,
     MessageError,
     NearCacheError,
+    SerializationError,
 )
-from nearcache._typing import AsyncBackplane, Backplane, BackplaneListener, BackplaneState
+from nearcache._typing import (
+    AsyncBackplane,
+    Backplane,
+    BackplaneListener,
+    BackplaneState,
+    Serializer,
+)
 
 __version__ = "0.1.0"
 
@@ -50,7 +58,12 @@ __all__ = [
     "MessageError",
     "NearCache",
     "NearCacheError",
+    "PickleSerializer",
     "RedisSettings",
+    "SafeSerializer",
+    "SerializationError",
+    "Serializer",
+    "Update",
     "__version__",
     "parse_connection_string",
 ]

@@ -7,8 +7,9 @@ NearCacheError
 ├── BackplaneError            the backplane could not do what was asked
 │   ├── BackplaneUnavailableError   Redis unreachable (abortConnect=True at start)
 │   └── FlushTimeoutError           flush() ran out of time before Redis acknowledged
-└── MessageError              a backplane message could not be decoded (counted, never raised
-                              out of a listener)
+├── MessageError              a backplane message could not be decoded (counted, never raised
+│                             out of a listener)
+└── SerializationError        a value could not be serialized for L2 or an update message
 
 ConfigurationWarning (UserWarning): an option was accepted but has no effect here.
 ```
@@ -28,6 +29,7 @@ __all__ = [
     "FlushTimeoutError",
     "MessageError",
     "NearCacheError",
+    "SerializationError",
 ]
 
 
@@ -73,6 +75,15 @@ class FlushTimeoutError(BackplaneError, TimeoutError):
 
 class MessageError(NearCacheError, ValueError):
     """A backplane message could not be decoded."""
+
+
+class SerializationError(NearCacheError, ValueError):
+    """A value could not be serialized (for the L2 or an update message) or deserialized.
+
+    Raised by the serializers; ``set`` raises it after dropping the key everywhere (the value
+    is not cached). Bytes that fail to load are never raised to a reader: they are counted
+    and treated as a miss.
+    """
 
 
 class ConfigurationWarning(UserWarning):

@@ -1,4 +1,5 @@
-"""The extension points: backplanes (sync and asyncio) and what they report to a cache.
+"""The extension points: backplanes (sync and asyncio), what they report to a cache, and the
+serializer of values kept in the shared L2 and sent in update messages.
 
 A backplane moves encoded messages between the instances of one channel. It owns its
 connections and its subscription; the cache owns every decision. Two implementations ship:
@@ -18,6 +19,7 @@ __all__ = [
     "BackplaneListener",
     "BackplaneState",
     "Clock",
+    "Serializer",
 ]
 
 Clock = Callable[[], float]
@@ -113,3 +115,31 @@ class AsyncBackplane(Protocol):
 
     async def aclose(self) -> None:
         """Stop listening and release every connection."""
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns values into bytes for the shared Redis L2 and for update messages, and back.
+
+    Two ship: :class:`nearcache.SafeSerializer` (the default: a tagged binary format of
+    plain data types whose loading runs no code) and :class:`nearcache.PickleSerializer`
+    (any picklable value; only with ``secret=``, so that every pickle is HMAC-verified
+    before it is loaded). Every stored value records the serializer's ``id``: a value
+    written with another serializer is counted and treated as a miss, never loaded.
+    """
+
+    @property
+    def id(self) -> int:
+        """1-255, stored with every value (1 and 2 are the built-ins; use 128-255)."""
+
+    @property
+    def needs_signing(self) -> bool:
+        """Whether ``loads`` may run code (pickle): the cache then refuses to start without
+        ``secret=``, and loads only bytes whose signature it verified."""
+
+    def dumps(self, value: object) -> bytes:
+        """Serialize; raise ``TypeError`` or ``ValueError`` for a value it cannot carry."""
+
+    def loads(self, data: bytes) -> object:
+        """Deserialize what :meth:`dumps` produced; raise any exception for bad input (the
+        cache counts it and treats the value as a miss)."""

@@ -18,10 +18,14 @@ An operation is a kind byte then its fields::
     0x01 KEY     region, key     drop one key of one region
     0x02 REGION  region          drop every key of a region
     0x03 CLEAR   (nothing)       drop everything
+    0x04 UPDATE  region, key, ttl, sliding, serializer, value
+                                 replace one key's value (propagate="update")
 
     region: u16 length then UTF-8 bytes; length 0xFFFF means the default region (no bytes)
     key:    type byte (0x01 str as UTF-8, 0x02 bytes, 0x03 int as ASCII decimal),
             u32 length, the bytes
+    ttl, sliding: u32 milliseconds each, 0 = none
+    serializer: u8 id; value: u32 length then the serialized bytes
 
 Nothing here does I/O. ``decode`` raises ``MessageError`` for anything it cannot read.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
@@ -44,6 +49,7 @@ __all__ = [
     "Invalidation",
     "Kind",
     "Message",
+    "Update",
     "channel_name",
     "decode",
     "encode",
@@ -59,6 +65,8 @@ _DEFAULT_REGION = 0xFFFF
 _KEY_STR, _KEY_BYTES, _KEY_INT = 1, 2, 3
 _MAC_SIZE = 32
 _MAX_INT_KEY_CHARS = 4000
+_UPDATE_HEAD = struct.Struct(">IIBI")  # ttl ms, sliding ms, serializer id, value length
+_MAX_MS = 0xFFFFFFFF
 
 Key = str | bytes | int
 Region = str | None
@@ -70,6 +78,7 @@ class Kind(IntEnum):
     KEY = 1
     REGION = 2
     CLEAR = 3
+    UPDATE = 4
 
 
 class Invalidation(NamedTuple):
@@ -86,7 +95,58 @@ class Invalidation(NamedTuple):
             return f"key {where}/{self.key!r}"
         if self.kind is Kind.REGION:
             return f"region {where}"
+        if self.kind is Kind.UPDATE:
+            return f"update {where}/{self.key!r}"
         return "clear"
+
+
+def _ms(seconds: float | None) -> int:
+    """Seconds as whole milliseconds on the wire (rounded up; 0 = none; capped at ~49 days)."""
+    if seconds is None:
+        return 0
+    return min(max(1, math.ceil(seconds * 1000)), _MAX_MS)
+
+
+class Update(Invalidation):
+    """A key invalidation that carries the key's new value (``propagate="update"``): receivers
+    replace their copy instead of dropping it.
+
+    It unpacks and compares like the ``(Kind.UPDATE, region, key)`` invalidation it extends,
+    so code that only invalidates treats it as one; the value rides along in ``data``
+    (serialized by the serializer whose id is ``serializer``), with the writer's ``ttl`` and
+    ``sliding`` in seconds.
+    """
+
+    data: bytes
+    ttl: float | None
+    sliding: float | None
+    serializer: int
+
+    def __new__(
+        cls,
+        region: Region,
+        key: Key,
+        data: bytes,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        serializer: int = 1,
+    ) -> Update:
+        self = tuple.__new__(cls, (Kind.UPDATE, region, key))
+        self.data = data
+        self.ttl = ttl
+        self.sliding = sliding
+        self.serializer = serializer
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"Update(region={self.region!r}, key={self.key!r}, data=<{len(self.data)} bytes>, "
+            f"ttl={self.ttl!r}, sliding={self.sliding!r}, serializer={self.serializer})"
+        )
+
+    def invalidation(self) -> Invalidation:
+        """The plain invalidation of the same key (what is sent when the value cannot be)."""
+        return Invalidation(Kind.KEY, self.region, self.key)
 
 
 class Message(NamedTuple):
@@ -137,7 +197,8 @@ def encode(
     )
     regions: dict[Region, bytes] = {}  # a batch usually names few regions: encode each once
     key_head, str_key, key_kind = _KEY_HEAD.pack, _KEY_STR, Kind.KEY
-    for kind, region, key in operations:
+    for op in operations:
+        kind, region, key = op
         out.append(kind)
         if kind is Kind.CLEAR:
             continue
@@ -155,6 +216,12 @@ def encode(
             else:
                 assert key is not None
                 _encode_key(out, key)
+        elif kind is Kind.UPDATE:
+            assert isinstance(op, Update) and key is not None
+            _encode_key(out, key)
+            data = op.data
+            out += _UPDATE_HEAD.pack(_ms(op.ttl), _ms(op.sliding), op.serializer, len(data))
+            out += data
     if signing_key is not None:
         key_id, secret = signing_key
         raw_id = key_id.encode()
@@ -164,15 +231,16 @@ def encode(
     return bytes(out)
 
 
-def _verify(data: bytes, secrets: Mapping[str, bytes]) -> tuple[int, str]:
-    """Check the trailer of a signed message; return where the operations end and the key id."""
+def _verify(data: bytes, secrets: Mapping[str, bytes], body: int = HEADER.size) -> tuple[int, str]:
+    """Check the trailer of signed bytes (a message, or an L2 value whose fixed part is
+    ``body`` bytes); return where the signed content ends and the key id."""
     size = len(data)
-    if size < HEADER.size + _MAC_SIZE + 2:
+    if size < body + _MAC_SIZE + 2:
         raise MessageError("signed message too short for its trailer")
     mac_start = size - _MAC_SIZE
     id_len = data[mac_start - 1]
     id_start = mac_start - 1 - id_len
-    if id_len == 0 or id_start < HEADER.size:
+    if id_len == 0 or id_start < body:
         raise MessageError("malformed signature trailer")
     try:
         key_id = data[id_start : mac_start - 1].decode()
@@ -246,13 +314,17 @@ def decode(data: bytes, secrets: Mapping[str, bytes] | None = None) -> Message:
             if kind == Kind.CLEAR:
                 ops.append(Invalidation(Kind.CLEAR))
                 continue
-            if kind not in (Kind.KEY, Kind.REGION):
+            if kind not in (Kind.KEY, Kind.REGION, Kind.UPDATE):
                 raise MessageError(f"unknown operation kind 0x{kind:02x}")
             region, pos = _decode_region(data, pos, end)
             if kind == Kind.REGION:
                 ops.append(Invalidation(Kind.REGION, region))
                 continue
             key, pos = _decode_key(data, pos, end)
+            if kind == Kind.UPDATE:
+                update, pos = _decode_update(data, pos, end, region, key)
+                ops.append(update)
+                continue
             ops.append(Invalidation(Kind.KEY, region, key))
     except (IndexError, struct.error, UnicodeDecodeError, ValueError) as exc:
         if isinstance(exc, MessageError):
@@ -273,6 +345,21 @@ def _decode_region(data: bytes, pos: int, end: int) -> tuple[Region, int]:
     if pos + length > end:
         raise MessageError(f"truncated region at byte {pos}")
     return data[pos : pos + length].decode(), pos + length
+
+
+def _decode_update(data: bytes, pos: int, end: int, region: Region, key: Key) -> tuple[Update, int]:
+    if pos + _UPDATE_HEAD.size > end:
+        raise MessageError(f"truncated update at byte {pos}")
+    ttl, sliding, serializer, length = _UPDATE_HEAD.unpack_from(data, pos)
+    pos += _UPDATE_HEAD.size
+    if pos + length > end:
+        raise MessageError(f"truncated update value at byte {pos}")
+    value = bytes(data[pos : pos + length])
+    update = Update(
+        region, key, value, ttl / 1000 if ttl else None, sliding / 1000 if sliding else None,
+        serializer,
+    )  # fmt: skip
+    return update, pos + length
 
 
 def _decode_key(data: bytes, pos: int, end: int) -> tuple[Key, int]:
