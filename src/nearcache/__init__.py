@@ -5,6 +5,7 @@ FastAPI, Starlette). Nothing runs at import: no connection, no thread.
 """
 
 from nearcache._backplane.memory import AsyncMemoryBackplane, MemoryBackplane, MemoryBroker
+from nearcache._cached import AsyncCachedFunction, CachedFunction
 from nearcache._config import Endpoint, RedisSettings, parse_connection_string
 from nearcache._core.cache import CacheOptions, CacheStats
 from nearcache._core.codec import Invalidation, Kind, Update
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MISSING",
     "AsyncBackplane",
+    "AsyncCachedFunction",
     "AsyncMemoryBackplane",
     "AsyncNearCache",
     "Backplane",
@@ -47,6 +49,7 @@ __all__ = [
     "CacheOptions",
     "CacheState",
     "CacheStats",
+    "CachedFunction",
     "ConfigurationError",
     "ConfigurationWarning",
     "Endpoint",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -18,12 +19,16 @@ from nearcache._core.store import L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
 
 __all__ = [
+    "APPLY_LATENCY_BOUNDS",
     "PLAIN_KEY_TYPES",
     "BackplaneStats",
     "CacheCore",
     "CacheOptions",
+    "LatencyHistogram",
+    "LatencySnapshot",
     "check_key",
     "check_region",
+    "check_ttl",
 ]
 
 log = logging.getLogger("nearcache")
@@ -72,6 +77,14 @@ def check_region(region: object) -> None:
         raise ValueError(f"region {region!r} is not valid Unicode (lone surrogate)") from None
     if size > 65_534:
         raise ValueError(f"region name too long ({size} bytes, at most 65,534)")
+
+
+def check_ttl(value: object, name: str = "ttl") -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a positive number of seconds."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -181,6 +194,59 @@ class BackplaneStats:
     publish_failures: int = 0
 
 
+#: Upper bounds, in seconds, of the apply-latency buckets (a last bucket takes the rest).
+APPLY_LATENCY_BOUNDS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LatencySnapshot:
+    """Durations counted by bucket: ``counts[i]`` are those ``<= bounds[i]`` (and above the
+    bound before); the last count is those above every bound. ``sum`` is in seconds."""
+
+    bounds: tuple[float, ...] = APPLY_LATENCY_BOUNDS
+    counts: tuple[int, ...] = (0,) * (len(APPLY_LATENCY_BOUNDS) + 1)
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many durations were observed."""
+        return sum(self.counts)
+
+
+def _observe(observer: Callable[[float], None], seconds: float) -> None:
+    try:
+        observer(seconds)
+    except Exception:  # an exporter's bug must never stop invalidations
+        log.exception("nearcache: a latency observer failed")
+
+
+class LatencyHistogram:
+    """Counts durations into fixed buckets; ``observers`` are also called with each one
+    (the metrics exporters that record every observation themselves)."""
+
+    __slots__ = ("bounds", "counts", "observers", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = APPLY_LATENCY_BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.observers: list[Callable[[float], None]] = []
+
+    def observe(self, seconds: float) -> None:
+        """Count one duration."""
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        for observer in self.observers:
+            _observe(observer, seconds)
+
+    def snapshot(self) -> LatencySnapshot:
+        """The counts so far."""
+        return LatencySnapshot(self.bounds, tuple(self.counts), self.sum)
+
+
 class CacheCore:
     """Store + outbox + receive bookkeeping. Callers serialize every method but reads."""
 
@@ -216,6 +282,8 @@ class CacheCore:
         # use the cache (close it, even) without waiting on the thread it runs on.
         self.listeners: list[Callable[[Invalidation], None]] = []
         self.received: list[Invalidation] = []  # applied, not yet passed to the listeners
+        # From a message's arrival to its invalidations applied (one clock: this process's).
+        self.apply_latency = LatencyHistogram()
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -321,6 +389,7 @@ class CacheCore:
     def receive(self, payload: bytes) -> bool:
         """Decode and apply one message from the backplane; return whether it was valid.
         Never raises for bad input."""
+        arrived = self.clock()
         if (
             not self.options.secrets
             and payload[4:20] == self.instance_id
@@ -356,6 +425,7 @@ class CacheCore:
                 self.apply(op)
         store.count_invalidation(len(message.operations))
         self.stats.invalidations_received += len(message.operations)
+        self.apply_latency.observe(self.clock() - arrived)
         if self.listeners:
             self.received.extend(message.operations)
         return True
@@ -433,6 +503,8 @@ class CacheStats:
     degraded_to_clear: int
     backplane: str
     last_error: str | None
+    #: From a message's arrival here to its invalidations applied, per message.
+    apply_latency: LatencySnapshot = field(default_factory=LatencySnapshot)
 
     @property
     def hit_ratio(self) -> float:
@@ -470,4 +542,5 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         degraded_to_clear=core.outbox.degraded,
         backplane=backplane_state,
         last_error=core.last_error,
+        apply_latency=core.apply_latency.snapshot(),
     )

@@ -461,6 +461,24 @@ class L1Store:
         self._count = 0
         return held
 
+    def touch(self, key: Hashable, region: Region = None, *, ttl: float | None = None) -> bool:
+        """Give a servable entry a new time to live of ``ttl`` seconds from now (``None``: the
+        default ttl), keeping its value, its freshness and its ``max_age`` limit (counted from
+        when the value was known current); return whether one was held."""
+        bucket = self._regions.get(region)
+        entry = None if bucket is None else bucket.get(key)
+        if entry is None:
+            return False
+        now = self._clock()
+        if not (now < entry.expires and self.is_fresh(entry.stored, now)):
+            return False
+        ttl = self._ttl if ttl is None else ttl
+        limit = entry.stored + self._max_age
+        deadline = limit if ttl is None else min(now + ttl, limit)
+        entry.deadline = deadline
+        entry.expires = min(deadline, now + entry.sliding) if entry.sliding else deadline
+        return True
+
     def count_invalidation(self, count: int = 1) -> None:
         """Count invalidations applied on behalf of another instance."""
         self._invalidations += count

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from nearcache._cached import AsyncCached
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
@@ -23,6 +24,7 @@ from nearcache._core.cache import (
     CacheStats,
     check_key,
     check_region,
+    check_ttl,
     snapshot,
 )
 from nearcache._core.codec import Invalidation, Kind, channel_name
@@ -437,6 +439,31 @@ class AsyncNearCache:
             if payloads:
                 core.batch_sent(payloads)
             progress.set()
+
+    # -- added by the framework integrations (kept here, at the end, as thin methods) ----
+
+    async def touch(
+        self, key: Hashable, *, region: str | None = None, ttl: float | None = None
+    ) -> bool:
+        """Give the entry of ``key`` a new time to live, here only; see
+        :meth:`NearCache.touch <nearcache.NearCache.touch>`."""
+        check_key(key, region)
+        check_ttl(ttl)
+        self._check_open()
+        return bool(self._core.store.touch(key, region, ttl=ttl))
+
+    def cached(
+        self,
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        key: Callable[..., Hashable] | None = None,
+    ) -> AsyncCached:
+        """A decorator caching a coroutine function's results here; see
+        :meth:`NearCache.cached <nearcache.NearCache.cached>` (``invalidate`` and
+        ``invalidate_all`` are coroutines here)."""
+        return AsyncCached(self, region=region, ttl=ttl, sliding=sliding, key=key)
 
 
 class _Listener:

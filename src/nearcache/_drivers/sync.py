@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from nearcache._cached import Cached
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
@@ -19,6 +20,7 @@ from nearcache._core.cache import (
     CacheStats,
     check_key,
     check_region,
+    check_ttl,
     snapshot,
 )
 from nearcache._core.codec import Invalidation, Kind, channel_name
@@ -529,6 +531,42 @@ class NearCache:
                 if payloads:
                     core.batch_sent(payloads)
                 self._cond.notify_all()
+
+    # -- added by the framework integrations (kept here, at the end, as thin methods) ----
+
+    def touch(self, key: Hashable, *, region: str | None = None, ttl: float | None = None) -> bool:
+        """Give the entry of ``key`` a new time to live of ``ttl`` seconds from now (``None``:
+        the default), here only (expiry is local, never broadcast); return whether it was
+        cached. Its value, its freshness and its ``max_age`` limit are unchanged."""
+        check_key(key, region)
+        check_ttl(ttl)
+        with self._lock:
+            self._check_open()
+            return bool(self._core.store.touch(key, region, ttl=ttl))
+
+    def cached(
+        self,
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        key: Callable[..., Hashable] | None = None,
+    ) -> Cached:
+        """A decorator caching a function's results here, keyed by its arguments.
+
+        ``region`` defaults to the function's qualified name; ``key(*args, **kwargs)``
+        replaces the key built from the arguments (see ``docs/decorator.md`` for the rules).
+        The decorated function has ``invalidate(*args, **kwargs)`` (drops one call's entry
+        on every instance) and ``invalidate_all()``.
+
+        Example::
+
+            @cache.cached(region="products", ttl=300)
+            def product(pid: int) -> Product: ...
+
+            product.invalidate(42)
+        """
+        return Cached(self, region=region, ttl=ttl, sliding=sliding, key=key)
 
 
 class _Listener:
