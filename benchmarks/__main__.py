@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--only NAME,...] [--repeat N] [--output DIR]``.
+"""``python -m benchmarks [--quick] [--only NAME,...] [--repeat N] [--output DIR]
+[--db-latency MS,...]``.
 
 Runs the chosen sections in one run on this machine, prints the Markdown table, and writes
 ``latest.md`` and ``latest.png`` into ``benchmarks/results/`` (or ``--output``). Exits 1 if a
@@ -46,7 +47,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"where to write latest.md/.png ({RESULTS} for a full run; "
         f"{RESULTS / 'partial'} for --quick or --only, so they never replace the full results)",
     )
+    parser.add_argument(
+        "--db-latency",
+        default="0,1",
+        help="workload: milliseconds added to every load from the source of truth, one run "
+        "of every contender per value (default: 0,1)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.db_latencies = tuple(float(v) for v in args.db_latency.split(",") if v.strip())
+    except ValueError:
+        parser.error(
+            f"--db-latency takes milliseconds separated by commas, got {args.db_latency!r}"
+        )
+    if not args.db_latencies or any(not 0 <= v <= 1000 for v in args.db_latencies):
+        parser.error("--db-latency values must be between 0 and 1000 ms")
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.output is None:
         partial = args.quick or set(args.sections) != set(SECTIONS)
@@ -67,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the harness; return the process exit code."""
     args = _parse(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    options = Options(quick=args.quick, repeat=args.repeat)
+    options = Options(quick=args.quick, repeat=args.repeat, db_latencies=args.db_latencies)
     env = Env(options)
     rows: list[Row] = []
     failed: list[str] = []

@@ -21,6 +21,7 @@ class Options:
 
     quick: bool = False
     repeat: int | None = None  # None: each section's own default
+    db_latencies: tuple[float, ...] = (0.0, 1.0)  # workload: ms added to every source load
 
     def reps(self, default: int, quick: int) -> int:
         """Repetitions for a section: ``--repeat`` wins, else its quick or full default."""

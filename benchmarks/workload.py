@@ -4,10 +4,15 @@ Every contender runs the same app: 4 processes, keys drawn from Zipf(s=1) over 1
 same popularity ranking in every process), 95% reads / 5% writes. The source of truth is one
 SQLite file in WAL mode; a write is ``UPDATE ... SET version = version + 1 RETURNING`` then
 the contender's cache update (half the writes store the new row, half drop the key). A read
-returns ``(version, value)``.
+returns ``(version, value)``. Every load from the source can be made slower by a fixed delay
+(``--db-latency``, milliseconds; a sleep, as a networked database's round trip would be): each
+contender runs at every delay given, 0 and 1 ms by default. The delay applies from the start
+signal on (warming the caches beforehand is not timed).
 
-- ``NearCache``: ``get_or_set(key, loader)``; writes ``set``/``remove`` then ``flush()`` (the
+- ``NearCache L1``: ``get_or_set(key, loader)``; writes ``set``/``remove`` then ``flush()`` (the
   write is visible to the other instances' invalidation stream when it returns).
+- ``NearCache L1+L2``: the same with ``l2=True`` (a shared Redis L2 with leases).
+- ``NearCache L1+L2+updates``: also ``propagate="update"`` (a ``set`` ships the new row).
 - ``Redis-only``: GET on every read, SET NX after a miss, SET/DEL on writes, pickled values
   (what django-redis does).
 - ``redis-py client-side caching``: the same code on a RESP3 client with
@@ -16,14 +21,20 @@ returns ``(version, value)``.
   upper bound on speed, and it serves stale data.
 
 Before the clock starts the caches are warm, as in a long-running app: Redis holds every row
-(for the two Redis contenders), and each process reads the 20k hottest keys once through its
-read path (they carry 87% of the reads). Throughput then counts operations after a 1 s
-warm-up; read latency is sampled on every 16th read.
+(for the two Redis contenders; for the L2 contenders their L2 holds every row, written in the
+library's own format), and each process reads the 20k hottest keys once through its read path
+(they carry 87% of the reads). Throughput then counts operations after a 1 s warm-up; read
+latency is sampled on every 16th read; database loads per second count every call of the
+loader (SQLite) during the measured time, in all four processes.
 Stale reads are checked afterwards: every process records its writes (key, version, time the
 cache update / flush returned) and its reads (key, version, start time, rounded down to the
 last clock refresh, at most 16 operations earlier). A read is stale if it returned a version
 older than a write whose flush returned more than ``max_staleness`` (2 s) before the read
 started; the same check with no allowance counts reads older than any completed write.
+
+Cold start (at the largest delay, once): a fifth process with an empty L1 joins the warm fleet
+at the start signal and runs the same workload; reported are the database loads it made until
+its L1 hit ratio over a window of 2,000 reads came within 2 points of the fleet's.
 """
 
 from __future__ import annotations
@@ -57,7 +68,13 @@ SAMPLES = 2_000_000  # pre-drawn operations per process (reused cyclically)
 PREWARM = 20_000  # hottest keys read once per process before the clock starts (87% of reads)
 LATENCY_EVERY = 16
 
-NEARCACHE = "NearCache"
+NC_L1 = "NearCache L1"
+NC_L2 = "NearCache L1+L2"
+NC_UPDATES = "NearCache L1+L2+updates"
+NEARCACHES = (NC_L1, NC_L2, NC_UPDATES)
+L2_CONTENDERS = (NC_L2, NC_UPDATES)
+COLD_WINDOW = 2_000  # reads per window of the joining process's hit ratio
+COLD_MARGIN = 0.02
 REDIS_ONLY = "Redis-only (GET/SET per request)"
 CSC = "redis-py client-side caching"
 LOCAL = "local cachetools, unsynchronized"
@@ -87,6 +104,29 @@ def fill_redis(client: Any, db_path: Path) -> None:
     db.close()
 
 
+def fill_l2(client: Any, db_path: Path, channel: str) -> None:
+    """Put every row into the L2 of ``channel`` (a warm shared cache), in the library's own
+    record format, as a long-running fleet would have it."""
+    from nearcache import SafeSerializer
+    from nearcache._core import l2
+    from nearcache._core.codec import channel_name
+
+    wire = channel_name(channel)
+    keys, args = l2.read_call(wire, None, 0, "", 1.0)  # creates the generation tokens
+    got = l2.parse_read(client.register_script(l2.READ_SCRIPT)(keys=keys, args=args))
+    tags = bytes([len(got.gen)]) + got.gen + bytes([len(got.rgen)]) + got.rgen
+    dumps = SafeSerializer().dumps
+    db = sqlite3.connect(db_path)
+    with client.pipeline(transaction=False) as pipe:
+        for n, (key, version, value) in enumerate(db.execute("SELECT * FROM items")):
+            payload = l2.encode_payload(1, None, key, dumps((version, value)))
+            pipe.set(l2.value_keys(wire, None, key)[0], tags + payload, px=3_600_000)
+            if n % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+    db.close()
+
+
 def _draws(seed: int) -> tuple[array[int], array[int], list[int]]:
     """Pre-drawn keys (Zipf, ranking shared by every process), operations (0 read,
     1 write+set, 2 write+remove) and the hottest keys, hottest first."""
@@ -110,12 +150,15 @@ def _draws(seed: int) -> tuple[array[int], array[int], list[int]]:
 class _Database:
     def __init__(self, path: str) -> None:
         self.loads = 0
+        self.latency = 0.0  # seconds added to every load (a networked database's round trip)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.execute("PRAGMA synchronous=NORMAL")
 
     def load(self, key: int) -> tuple[int, bytes]:
         self.loads += 1
+        if self.latency:
+            time.sleep(self.latency)
         row = self.db.execute("SELECT version, value FROM items WHERE id = ?", (key,)).fetchone()
         return row[0], row[1]
 
@@ -127,12 +170,17 @@ class _Database:
         return rows[0][0], rows[0][1]
 
 
-def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, Any, Any]:
-    """(read(key) -> (version, value), write(key, op) -> version, close())."""
-    if contender == NEARCACHE:
+def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, Any, Any, Any]:
+    """(read(key) -> (version, value), write(key, op) -> version, close(), L1 hits())."""
+    if contender in NEARCACHES:
         from nearcache import NearCache
 
-        cache = NearCache(url, channel=channel, max_entries=N_KEYS, abort_connect=True)
+        extra: dict[str, Any] = {}
+        if contender in L2_CONTENDERS:
+            extra["l2"] = True
+        if contender == NC_UPDATES:
+            extra["propagate"] = "update"
+        cache = NearCache(url, channel=channel, max_entries=N_KEYS, abort_connect=True, **extra)
         get_or_set, load = cache.get_or_set, db.load
 
         def read(key: int) -> tuple[int, bytes]:
@@ -147,7 +195,7 @@ def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, An
             cache.flush()
             return row[0]
 
-        return read, write, cache.close
+        return read, write, cache.close, lambda: cache.stats().hits
     if contender in (REDIS_ONLY, CSC):
         import redis
 
@@ -179,7 +227,7 @@ def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, An
                 delete(f"item:{key}")
             return row[0]
 
-        return read, write, client.close
+        return read, write, client.close, None
     import cachetools
 
     lru: Any = cachetools.LRUCache(maxsize=N_KEYS)
@@ -199,7 +247,7 @@ def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, An
             lru.pop(key, None)
         return row[0]
 
-    return read, write, lambda: None
+    return read, write, lambda: None, None
 
 
 def app_process(
@@ -213,11 +261,13 @@ def app_process(
     duration: float,
     out_dir: str,
     prewarm: int,
+    latency: float = 0.0,
+    late: bool = False,
 ) -> dict[str, Any]:
     keys, kinds, hottest = _draws(seed)
     db = _Database(db_path)
-    read, write, close = _app(contender, url, db, channel)
-    if contender != REDIS_ONLY:  # its only cache, Redis, was filled by the parent
+    read, write, close, l1_hits = _app(contender, url, db, channel)
+    if contender != REDIS_ONLY and not late:  # Redis-only's only cache was filled already
         for key in hottest[:prewarm]:  # a long-running app has its hot set cached
             read(key)
     r_key, r_ver, r_start = array("q"), array("q"), array("d")
@@ -225,6 +275,10 @@ def app_process(
     latencies = array("d")
     control.report("ready")
     control.wait_go()
+    db.latency = latency
+    hits_of = l1_hits or (lambda: len(r_key) - db.loads)  # a local cache: reads not loaded
+    timeline: list[tuple[int, int, int, float]] = []  # (reads, loads, L1 hits, time) per window
+    next_window = COLD_WINDOW if late else -1
     clock = time.monotonic
     start = clock()
     measure_from = start + warmup
@@ -237,8 +291,12 @@ def app_process(
             now = clock()
             if not measuring and now >= measure_from:
                 measuring, ops_before, loads_before, reads_before = True, i, db.loads, len(r_key)
+                hits_before = hits_of()
             if now >= end:
                 break
+            if len(r_key) >= next_window > 0:
+                timeline.append((len(r_key), db.loads, hits_of(), now - start))
+                next_window += COLD_WINDOW
         j = i % SAMPLES
         key = keys[j]
         if kinds[j] == 0:
@@ -260,6 +318,7 @@ def app_process(
     ops = i - ops_before
     elapsed = clock() - measure_from
     loads, reads = db.loads - loads_before, len(r_key) - reads_before
+    hits = hits_of() - hits_before
     close()
     base = os.path.join(out_dir, control.name)
     for suffix, data in (
@@ -273,7 +332,28 @@ def app_process(
         "elapsed": elapsed,
         "latencies": list(latencies),
         "miss_ratio": loads / reads if reads else math.nan,
+        "loads_per_s": loads / elapsed,
+        "hit_ratio": hits / reads if reads else math.nan,
+        "timeline": timeline,
     }
+
+
+def cold_start(
+    timeline: list[tuple[int, int, int, float]], fleet: float
+) -> tuple[int, float, bool, float]:
+    """Database loads and seconds until the joiner's L1 hit ratio over one window came within
+    COLD_MARGIN of the fleet's, whether it did, and its last window's ratio (if it did not,
+    the loads and time until the run ended)."""
+    reads0 = hits0 = 0
+    ratio = 0.0
+    for reads, loads, hits, at in timeline:
+        ratio = (hits - hits0) / max(reads - reads0, 1)
+        if ratio >= fleet - COLD_MARGIN:
+            return loads, at, True, ratio
+        reads0, hits0 = reads, hits
+    if not timeline:
+        return 0, math.nan, False, math.nan
+    return timeline[-1][1], timeline[-1][3], False, ratio
 
 
 def count_stale(out_dir: str, names: list[str], allowance: float) -> int:
@@ -314,22 +394,41 @@ def _one_run(
     duration: float,
     rep: int,
     prewarm: int = PREWARM,
+    latency: float = 0.0,
+    channel: str = "",
+    cold: bool = False,
 ) -> dict[str, Any]:
     out_dir = tempfile.mkdtemp(prefix="nearcache-bench-wl-")
     try:
-        channel = f"bench-app-{uuid.uuid4().hex[:8]}"
         names = [f"app{i}" for i in range(PROCESSES)]
         with Workers() as workers:
             for i, name in enumerate(names):
                 seed = 1000 * rep + i
                 workers.spawn(
                     name, app_process, contender, url, db_path, channel, seed, warmup,
-                    duration, out_dir, prewarm,
+                    duration, out_dir, prewarm, latency,
                 )  # fmt: skip
-            workers.collect("ready", names, timeout=300)
+            if cold:
+                workers.spawn(
+                    "late", app_process, contender, url, db_path, channel, 1000 * rep + 99,
+                    warmup, duration, out_dir, prewarm, latency, True,
+                )  # fmt: skip
+            everyone = [*names, "late"] if cold else names
+            workers.collect("ready", everyone, timeout=300)
             workers.go()
-            results = workers.collect("result", names, timeout=warmup + duration + 120)
+            results = workers.collect("result", everyone, timeout=warmup + duration + 120)
+        if cold:
+            fleet = sum(results[n]["hit_ratio"] for n in names) / len(names)
+            loads, seconds, reached, last = cold_start(results["late"]["timeline"], fleet)
+            return {
+                "cold_loads": loads,
+                "cold_seconds": seconds,
+                "reached": reached,
+                "last_ratio": last,
+                "fleet_hit_ratio": fleet,
+            }
         ops = sum(r["ops"] / r["elapsed"] for r in results.values())
+        loads_per_s = sum(r["loads_per_s"] for r in results.values())
         latencies = [x for r in results.values() for x in r["latencies"]]
         miss_ratios = [r["miss_ratio"] for r in results.values()]
         return {
@@ -339,18 +438,42 @@ def _one_run(
             "stale": count_stale(out_dir, names, MAX_STALENESS),
             "stale0": count_stale(out_dir, names, 0.0),
             "miss_ratio": sum(miss_ratios) / len(miss_ratios),
+            "loads_per_s": loads_per_s,
         }
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _prepare(contender: str, server: Any, db_path: Path, channel: str) -> None:
+    """Empty Redis, then fill the shared cache the contender keeps there."""
+    with server.client() as admin:
+        admin.flushall()
+        if contender in (REDIS_ONLY, CSC):
+            fill_redis(admin, db_path)
+        elif contender in L2_CONTENDERS:
+            fill_l2(admin, db_path, channel)
+
+
+def _l2_available() -> str | None:
+    """Why the L2 contenders cannot run with this nearcache, or None."""
+    import inspect
+
+    from nearcache import NearCache
+
+    if "l2" not in inspect.signature(NearCache).parameters:
+        return "this nearcache has no l2= option"
+    return None
 
 
 def run(options: Options, env: Env) -> list[Row]:
     """Measure and return the section's rows."""
     reps = options.reps(default=3, quick=1)
     warmup, duration = (0.3, 1.0) if options.quick else (1.0, 5.0)
+    cold_duration = 2.0 if options.quick else 15.0
     prewarm = 2_000 if options.quick else PREWARM
+    latencies = options.db_latencies
     server, where = env.redis_client_caching()
-    contenders = [NEARCACHE, REDIS_ONLY, CSC, LOCAL]
+    contenders = [*NEARCACHES, REDIS_ONLY, CSC, LOCAL]
     if server is None:
         server = env.redis()
         contenders.remove(CSC)
@@ -362,50 +485,111 @@ def run(options: Options, env: Env) -> list[Row]:
     except ImportError:
         contenders.remove(LOCAL)
         env.notes.append("workload: cachetools not installed: unsynchronized local skipped")
+    why = _l2_available()
+    if why:
+        for contender in L2_CONTENDERS:
+            contenders.remove(contender)
+        env.notes.append(f"workload: L2 contenders skipped: {why}")
     tmp = Path(tempfile.mkdtemp(prefix="nearcache-bench-db-"))
-    figures: dict[str, dict[str, list[float]]] = {}
+    figures: dict[tuple[str, float], dict[str, list[float]]] = {}
+    cold: dict[str, dict[str, Any]] = {}
     try:
         db_path = tmp / "items.sqlite3"
-        create_database(db_path)
-        for rep in range(reps):
-            for contender in contenders:
-                with server.client() as admin:
-                    admin.flushall()
-                    if contender in (REDIS_ONLY, CSC):
-                        fill_redis(admin, db_path)
-                env.log(
-                    f"workload: rep {rep + 1}/{reps}: {contender}, "
-                    f"{PROCESSES} processes, {warmup}+{duration}s"
-                )
-                r = _one_run(contender, server.url, str(db_path), warmup, duration, rep, prewarm)
-                f = figures.setdefault(contender, {})
-                for key, value in r.items():
-                    f.setdefault(key, []).append(value)
+        for latency in latencies:
+            for rep in range(reps):
+                for contender in contenders:
+                    create_database(db_path)  # every run starts from version 0
+                    channel = f"bench-app-{uuid.uuid4().hex[:8]}"
+                    _prepare(contender, server, db_path, channel)
+                    env.log(
+                        f"workload: db +{latency:g} ms, rep {rep + 1}/{reps}: {contender}, "
+                        f"{PROCESSES} processes, {warmup}+{duration}s"
+                    )
+                    r = _one_run(
+                        contender, server.url, str(db_path), warmup, duration, rep, prewarm,
+                        latency / 1000, channel,
+                    )  # fmt: skip
+                    f = figures.setdefault((contender, latency), {})
+                    for key, value in r.items():
+                        f.setdefault(key, []).append(value)
+                    db_path.unlink()
+        latency = max(latencies)
+        for contender in contenders:
+            if contender in (REDIS_ONLY, CSC):
+                continue  # nothing local to warm
+            create_database(db_path)
+            channel = f"bench-app-{uuid.uuid4().hex[:8]}"
+            _prepare(contender, server, db_path, channel)
+            env.log(f"workload: cold start at db +{latency:g} ms: {contender}")
+            cold[contender] = _one_run(
+                contender, server.url, str(db_path), warmup, cold_duration, 0, prewarm,
+                latency / 1000, channel, cold=True,
+            )  # fmt: skip
+            db_path.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows: list[Row] = []
-    nc = figures[NEARCACHE]
-    targets = {REDIS_ONLY: 10.0, CSC: 5.0}
+    for latency in latencies:
+        rows += _rows(figures, contenders, latency)
+    top = max(latencies)
+    for contender, c in cold.items():
+        row = Row(
+            NAME, contender, f"cold start: db loads, db +{top:g} ms", "count", [c["cold_loads"]]
+        )
+        row.note = (
+            f"a 5th process joining the warm fleet: L1 hit ratio within {COLD_MARGIN:.0%} of "
+            f"the fleet's ({c['fleet_hit_ratio']:.1%}) after {c['cold_seconds']:.2f}s"
+            if c["reached"]
+            else f"NOT within {COLD_MARGIN:.0%} of the fleet's L1 hit ratio "
+            f"({c['fleet_hit_ratio']:.1%}) by the end ({c['cold_seconds']:.1f}s: "
+            f"{c['last_ratio']:.1%}); loads until then"
+        )
+        rows.append(row)
+    return rows
+
+
+def _rows(
+    figures: dict[tuple[str, float], dict[str, list[float]]], contenders: list[str], latency: float
+) -> list[Row]:
+    """The rows of every contender at one database delay, with their ratios and targets."""
+    at = f"db +{latency:g} ms"
+    rows: list[Row] = []
+    redis_only = figures[(REDIS_ONLY, latency)]
+    local = figures.get((LOCAL, latency))
     for contender in contenders:
-        f = figures[contender]
-        ops = Row(NAME, contender, "ops/s (4 procs)", "ops/s", f["ops"], lower_is_better=False)
+        f = figures[(contender, latency)]
+        l2 = contender in L2_CONTENDERS
+        slow_db = latency >= 1.0
+        ops = Row(NAME, contender, f"ops/s, {at}", "ops/s", f["ops"], lower_is_better=False)
         misses = sorted(f["miss_ratio"])[len(f["miss_ratio"]) // 2]
         ops.note = f"{misses:.2%} of reads loaded from SQLite"
-        if contender != NEARCACHE:
-            # nearcache's speed-up over this contender, per repetition
-            ops.ratios = paired_ratios(nc["ops"], f["ops"])
-            ops.ratio_to = f"NearCache / {contender}"
-            if contender in targets:
-                limit = targets[contender]
-                ops.target = Target("ratio", ">=", limit, f"NearCache >= {limit:.0f}x")
-            else:
-                ops.ratios = paired_ratios(f["ops"], nc["ops"])
-                ops.ratio_to = f"{contender} / NearCache"
-                ops.target = Target("ratio", "<=", 1.3, "NearCache within 1.3x")
-        rows.append(ops)
-        rows.append(Row(NAME, contender, "p99 read latency us", "us", f["p99"]))
-        stale = Row(NAME, contender, "stale reads past 2 s", "stale reads", f["stale"])
-        if contender == NEARCACHE:
+        loads = Row(NAME, contender, f"db loads/s, {at}", "loads/s", f["loads_per_s"])
+        if contender in NEARCACHES or contender == CSC:
+            ops.ratios = paired_ratios(f["ops"], redis_only["ops"])
+            ops.ratio_to = f"{contender} / Redis-only"
+            loads.ratios = paired_ratios(f["loads_per_s"], redis_only["loads_per_s"])
+            loads.ratio_to = f"{contender} / Redis-only"
+            if l2 and slow_db:
+                ops.target = Target("ratio", ">=", 3.0, ">= 3x Redis-only")
+                loads.target = Target("ratio", "<=", 1.0, "<= Redis-only")
+            elif contender == NC_L1 and not latency:
+                ops.target = Target("ratio", ">=", 10.0, ">= 10x Redis-only")
+            elif contender == CSC:
+                ops.ratios = paired_ratios(figures[(NC_L1, latency)]["ops"], f["ops"])
+                ops.ratio_to = f"{NC_L1} / {CSC}"
+        rows += [ops, loads]
+        if contender in NEARCACHES and local is not None:
+            vs_local = Row(NAME, contender, f"local over this, ops/s, {at}", "ops/s", f["ops"])
+            vs_local.ratios = paired_ratios(local["ops"], f["ops"])
+            vs_local.ratio_to = f"{LOCAL} / {contender}"
+            if l2 and slow_db:
+                vs_local.target = Target("ratio", "<=", 1.5, "within 1.5x")
+            elif contender == NC_L1 and not latency:
+                vs_local.target = Target("ratio", "<=", 1.3, "within 1.3x")
+            rows.append(vs_local)
+        rows.append(Row(NAME, contender, f"p99 read latency us, {at}", "us", f["p99"]))
+        stale = Row(NAME, contender, f"stale reads past 2 s, {at}", "stale reads", f["stale"])
+        if contender in NEARCACHES:
             stale.target = Target("value", "<=", 0, "0")
         stale.note = f"reads older than a completed write: {sum(f['stale0']):,.0f} in total"
         rows.append(stale)
