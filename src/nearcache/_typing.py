@@ -114,7 +114,8 @@ class AsyncBackplane(Protocol):
         """Publish messages in order; see :meth:`Backplane.publish`."""
 
     async def aclose(self) -> None:
-        """Stop listening and release every connection."""
+        """Stop listening and release every connection, in bounded time; if cancelled, close
+        every connection before the cancel propagates (nothing may live on)."""
 
 
 @runtime_checkable

@@ -3,6 +3,10 @@
 A listener task owns the subscriber connection, pings on it every ``heartbeat`` seconds, treats
 a missing pong as a stall, replays from the log after every new subscription and reconciles
 with the log's tail; see the ``_redis`` module for why this proves delivery.
+
+Stopping never trusts one cancel (see ``nearcache._cancellation``): every loop of the listener
+checks ``_closing``, :meth:`AsyncRedisBackplane.aclose` cancels until the task is done, and
+then aborts every socket, so it returns in bounded time whatever the connections are doing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from nearcache._backplane.redis import REPLAY_PAGE
+from nearcache._cancellation import stop_task, wait_event
 from nearcache._config import RedisSettings
 from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
 from nearcache._core.log import (
@@ -114,11 +119,7 @@ class AsyncRedisBackplane:
     async def wait_connected(self, timeout: float) -> bool:
         """Wait until subscribed or ``timeout`` seconds passed."""
         assert self._connected is not None
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_event(self._connected, timeout)
 
     async def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
@@ -139,48 +140,91 @@ class AsyncRedisBackplane:
             ) from exc
 
     async def aclose(self) -> None:
-        """Stop the listener task and close the connections."""
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._state = BackplaneState.CLOSED
+        """Stop the listener task and close both connections, within ``2 * STOP_GRACE``
+        seconds whatever they are doing.
+
+        If this call is cancelled, every socket is aborted before the cancel propagates, and
+        the listener task, which sees ``_closing``, ends on its own within a loop iteration.
+        """
+        try:
+            self._closing = True
+            task = self._task
+            if task is not None and not await stop_task(task):
+                # It ignored every cancel for STOP_GRACE seconds (it sits in a read whose
+                # cancel was lost): cut its sockets so that read fails and it sees _closing.
+                self._abort_connections()
+                await stop_task(task)
+        finally:
+            self._state = BackplaneState.CLOSED
+            self._abort_connections()
+        # The sockets are already closed: this only settles redis-py's own bookkeeping.
         await self._publisher.aclose()
         await self._subscriber_client.aclose()
+
+    def _abort_connections(self) -> None:
+        """Close every socket of both clients now, without waiting (safe when cancelled).
+
+        redis-py has no public way to do this: its ``aclose`` waits for each socket to flush,
+        which a stalled connection never does. So this reaches into its connection pool (the
+        attribute names hold from redis-py 5.0 to 8.1, and tests/test_shutdown.py checks with
+        CLIENT LIST that no connection is left); with another layout it does nothing, and the
+        ``aclose`` calls after it close the connections the ordinary way.
+        """
+        for client in (self._publisher, self._subscriber_client):
+            pool = client.connection_pool
+            connections = [
+                *getattr(pool, "_available_connections", ()),
+                *getattr(pool, "_in_use_connections", ()),
+            ]
+            for connection in connections:
+                writer = getattr(connection, "_writer", None)
+                if writer is not None:
+                    writer.transport.abort()
+                    close = getattr(connection, "_close", None)
+                    if close is not None:
+                        close()  # forget the aborted streams: no "unclosed" warning later
+
+    def _check_closing(self) -> None:
+        """Stop the listener task, as a delivered cancel would, once ``aclose`` began."""
+        if self._closing:
+            raise asyncio.CancelledError
 
     async def _run(self) -> None:
         delay = _RECONNECT_MIN
         listener = self._listener
         assert listener is not None
-        while not self._closing:
+        while True:
+            self._check_closing()
             pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)
             try:
                 as_of = await self._subscribe(pubsub)
-                listener.on_subscribed(as_of, await self._resync(listener))
+                complete = await self._resync(listener)
+                self._check_closing()
+                listener.on_subscribed(as_of, complete)
                 self._set_state(BackplaneState.CONNECTED)
                 delay = _RECONNECT_MIN
                 await self._listen(pubsub, listener)
             except Exception as exc:  # any failure ends this subscription, never the listener
+                self._check_closing()  # the failure is aclose cutting the socket: just stop
                 if not isinstance(exc, (redis.RedisError, OSError, StalledError, ValueError)):
                     log.exception("nearcache: unexpected error in the listener; resubscribing")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._set_state(BackplaneState.DISCONNECTED, self.last_error)
-            finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            # Full jitter keeps a fleet that lost Redis together from reconnecting in lockstep.
             await asyncio.sleep(random.uniform(_RECONNECT_MIN, delay))
             delay = min(delay * 2, _RECONNECT_MAX)
 
     async def _subscribe(self, pubsub: Any) -> float:
         sent = self._clock()
         timeout = self._settings.connect_timeout
-        try:
-            await asyncio.wait_for(pubsub.subscribe(self._channel), timeout)
-        except asyncio.TimeoutError:
-            raise StalledError(f"could not subscribe within {timeout}s") from None
+        # No wait_for around this (it could lose aclose's cancel): connecting is bounded by
+        # the connect timeout and every write and reply by the socket timeout.
+        await pubsub.subscribe(self._channel)
         deadline = sent + timeout
         while True:
+            self._check_closing()
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise StalledError(f"no subscribe confirmation within {timeout}s")
@@ -221,6 +265,7 @@ class AsyncRedisBackplane:
         entries: list[tuple[EntryId, bytes]] = []
         low = str(start)
         while True:
+            self._check_closing()
             page = parse_entries(
                 await self._publisher.xrange(self._log_key, min=low, count=REPLAY_PAGE)
             )
@@ -258,6 +303,7 @@ class AsyncRedisBackplane:
         next_reconcile = self._clock() + self._reconcile
         checking: tuple[bytes, EntryId | None] | None = None
         while True:
+            self._check_closing()
             now = self._clock()
             token = heartbeat.due(now)
             if token is not None:

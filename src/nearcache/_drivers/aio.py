@@ -2,12 +2,14 @@
 
 Everything runs on the event loop that first uses the cache: the listener and sender are
 tasks, the core needs no lock, and nothing blocks the loop. A hit never suspends.
+
+Closing never trusts one cancel to arrive (see ``nearcache._cancellation``): the sender
+checks the state on every turn, and :meth:`AsyncNearCache.aclose` cancels until it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from nearcache._cached import AsyncCached
+from nearcache._cancellation import STOP_GRACE, stop_task, wait_event
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
@@ -138,6 +141,8 @@ class AsyncNearCache:
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None
         self._sender: asyncio.Task[None] | None = None
+        # Set once a call to aclose() has begun; set() when it has finished.
+        self._closer: asyncio.Event | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -177,25 +182,64 @@ class AsyncNearCache:
         return self._core.outbox.waiting > 0
 
     async def aclose(self, timeout: float = 1.0) -> None:
-        """Deliver what is queued (waiting at most ``timeout`` seconds), then stop."""
+        """Deliver what is queued (waiting at most ``timeout`` seconds), then stop.
+
+        Returns within ``timeout`` + 4 x ``STOP_GRACE`` (2 s) seconds whatever Redis and the
+        connections are doing; afterwards no task and no connection of this cache remains.
+        If this call is cancelled (or a timeout around it expires), the tasks are cancelled
+        and the connections aborted before the cancel propagates. A second call waits for
+        the first one to finish.
+        """
+        if self._closer is not None:
+            await wait_event(self._closer, timeout + 4 * STOP_GRACE)
+            return
+        self._closer = asyncio.Event()
+        try:
+            await self._shut_down(timeout)
+        finally:
+            self._closer.set()
+
+    async def _shut_down(self, timeout: float) -> None:
+        sender = self._sender
+        try:
+            if self._started and self._backplane is not None and timeout > 0:
+                try:
+                    await self.flush(timeout)
+                except FlushTimeoutError as exc:
+                    log.warning(
+                        "nearcache: closing channel %r with %d invalidations undelivered",
+                        self._channel,
+                        exc.pending,
+                    )
+            self._stop_serving()
+            stopped = sender is None or await stop_task(sender)
+            if self._backplane is not None and self._started:
+                await self._backplane.aclose()  # within 2 x STOP_GRACE
+            if not stopped:
+                # Its publish ignored every cancel, but the backplane has now cut the
+                # connection under it: the publish fails and the loop sees CLOSED.
+                assert sender is not None
+                await stop_task(sender)
+        except BaseException:
+            # Cancelled (or failed) half-way: stop everything without waiting for anything
+            # that could hang. The backplane's aclose aborts every socket first thing when
+            # it is cancelled in turn, and the sender sees CLOSED on its next turn.
+            self._stop_serving()
+            if sender is not None:
+                sender.cancel()
+            if self._backplane is not None and self._started:
+                await self._backplane.aclose()
+            raise
+
+    def _stop_serving(self) -> None:
+        """Refuse every further call, drop L1, and wake the sender and every flush() so that
+        they end."""
         if self._state is CacheState.CLOSED:
             return
-        if self._started and self._backplane is not None and timeout > 0:
-            try:
-                await self.flush(timeout)
-            except FlushTimeoutError as exc:
-                log.warning(
-                    "nearcache: closing channel %r with %d invalidations undelivered",
-                    self._channel,
-                    exc.pending,
-                )
         self._state = CacheState.CLOSED
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-        if self._backplane is not None and self._started:
-            await self._backplane.aclose()
+        self._kick()
+        if self._progress is not None:
+            self._progress.set()
         self._core.store.clear()
         self._store = _ClosedStore()
         self.get = self._store.aget  # type: ignore[method-assign]
@@ -339,26 +383,23 @@ class AsyncNearCache:
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until Redis acknowledged every invalidation made so far on this instance.
 
-        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds.
+        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds, and
+        :class:`~nearcache.CacheClosedError` if the cache is closed meanwhile.
         """
         self._check_open()
         outbox = self._core.outbox
         target = outbox.accepted
         deadline = self._clock() + timeout
         while outbox.delivered < target:
+            self._check_open()  # closed meanwhile: nothing more will be delivered
             assert self._progress is not None
-            remaining = deadline - self._clock()
             self._progress.clear()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(self._progress.wait(), remaining)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._progress, deadline - self._clock()):
                 raise FlushTimeoutError(
                     f"{len(outbox)} invalidations on channel {self._channel!r} not "
                     f"acknowledged by Redis within {timeout}s",
                     pending=len(outbox),
-                ) from None
+                )
 
     def on_invalidation(self, callback: Callable[[Invalidation], None]) -> Callable[[], None]:
         """Call ``callback(invalidation)`` for every invalidation received from another
@@ -420,8 +461,10 @@ class AsyncNearCache:
         core = self._core
         while True:
             while core.outbox.waiting == 0:
+                self._check_sending()
                 wake.clear()
                 await wake.wait()
+            self._check_sending()
             payloads = core.take_batch()
             delay = _RETRY_MIN
             while True:
@@ -429,16 +472,23 @@ class AsyncNearCache:
                     await backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
+                    self._check_sending()  # the failure is aclose cutting the connection
                     core.stats.publish_failures += 1
                     core.last_error = str(exc)
                     if core.batch_superseded():
                         payloads = []
                         break
                     await asyncio.sleep(delay)
+                    self._check_sending()
                     delay = min(delay * 2, _RETRY_MAX)
             if payloads:
                 core.batch_sent(payloads)
             progress.set()
+
+    def _check_sending(self) -> None:
+        """End the sender, as a delivered cancel would, once the cache is closed."""
+        if self._state is CacheState.CLOSED:
+            raise asyncio.CancelledError
 
     # -- added by the framework integrations (kept here, at the end, as thin methods) ----
 
