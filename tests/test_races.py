@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -93,6 +95,71 @@ def test_a_cancelled_loader_does_not_cancel_its_waiters() -> None:
             assert await asyncio.wait_for(waiter, 5) == "waiter's own"
             with pytest.raises(asyncio.CancelledError):
                 await leader
+
+    asyncio.run(main())
+
+
+Spawn = Callable[[Coroutine[Any, Any, object]], "asyncio.Task[object]"]
+
+
+async def _leader_and_waiter(
+    cache: AsyncNearCache, calls: list[str], spawn: Spawn
+) -> tuple[asyncio.Task[object], asyncio.Task[object]]:
+    """A task loading "k" (its factory blocks) and a task waiting on that load."""
+    gate = asyncio.Event()
+
+    async def factory() -> str:
+        calls.append("load")
+        if len(calls) == 1:
+            await gate.wait()  # the first load never ends by itself
+        return f"load #{len(calls)}"
+
+    leader = spawn(cache.get_or_set("k", factory))
+    while (None, "k") not in cache._flights:
+        await asyncio.sleep(0)
+    waiter = spawn(cache.get_or_set("k", factory))
+    while cache._flights[(None, "k")].waiters == 0:
+        await asyncio.sleep(0)
+    return leader, waiter
+
+
+def test_a_waiter_cancelled_with_its_loader_by_gather_does_not_load() -> None:
+    """When gather(loader, waiter) is cancelled, the waiter raises CancelledError too instead
+    of taking the loader's cancellation for its cue to load: the factory ran once."""
+
+    async def main() -> None:
+        async with AsyncNearCache() as cache:
+            calls: list[str] = []
+            leader, waiter = await _leader_and_waiter(cache, calls, asyncio.ensure_future)
+            both = asyncio.gather(leader, waiter)
+            both.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await both
+            assert leader.cancelled()
+            assert waiter.cancelled()
+            assert calls == ["load"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is new in 3.11")
+def test_a_waiter_in_an_aborted_task_group_does_not_load() -> None:
+    """When a TaskGroup aborts because a sibling failed, a waiter in it is cancelled with its
+    loader and does not run the factory itself."""
+
+    async def failing() -> None:
+        raise KeyError("a sibling failed")
+
+    async def main() -> None:
+        async with AsyncNearCache() as cache:
+            calls: list[str] = []
+            with pytest.raises(ExceptionGroup):  # noqa: F821 (a 3.11 builtin, like TaskGroup)
+                async with asyncio.TaskGroup() as group:
+                    leader, waiter = await _leader_and_waiter(cache, calls, group.create_task)
+                    group.create_task(failing())
+            assert leader.cancelled()
+            assert waiter.cancelled()
+            assert calls == ["load"]
 
     asyncio.run(main())
 

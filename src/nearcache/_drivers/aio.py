@@ -292,15 +292,17 @@ class AsyncNearCache:
             ):
                 break
             flight.waiters += 1
-            try:
-                return await asyncio.shield(flight.future)
-            except asyncio.CancelledError:
-                if not flight.future.cancelled():
-                    raise  # this task was cancelled
-                # The task running the load was cancelled, not this one: load again.
-                value = store.peek(key, MISSING, region)
-                if value is not MISSING:
-                    return value  # type: ignore[no-any-return]
+            # asyncio.wait raises CancelledError only when this task is cancelled, and returns
+            # when the load's task was. (Behind a shield both raise, and a waiter cancelled
+            # together with its loader, by gather or a TaskGroup, took the loader's
+            # cancellation for the whole story and ran the factory again.)
+            await asyncio.wait((flight.future,))
+            if not flight.future.cancelled():
+                return flight.future.result()  # type: ignore[no-any-return]
+            # The task running the load was cancelled, not this one: load again.
+            value = store.peek(key, MISSING, region)
+            if value is not MISSING:
+                return value  # type: ignore[no-any-return]
         flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
         self._flights[ident] = flight
         try:
