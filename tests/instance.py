@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from nearcache import MISSING, AsyncNearCache, NearCache
+
+
+def _stats(stats: Any) -> dict[str, Any]:
+    """The counters as JSON-ready data (nested snapshots become dicts)."""
+    return {**dataclasses.asdict(stats), "state": stats.backplane}
 
 
 def _read_source(path: str) -> str:
@@ -63,8 +69,7 @@ class SyncHost:
             c.flush(req.get("timeout", 10.0))
             return None
         if op == "stats":
-            s = c.stats()
-            return {**s.__dict__, "state": s.backplane}
+            return _stats(c.stats())
         if op == "state":
             st = c.backplane_state
             return None if st is None else st.value
@@ -150,8 +155,7 @@ class AsyncHost:
             await c.flush(req.get("timeout", 10.0))
             return None
         if op == "stats":
-            s = c.stats()
-            return {**s.__dict__, "state": s.backplane}
+            return _stats(c.stats())
         if op == "state":
             st = c.backplane_state
             return None if st is None else st.value
