@@ -153,6 +153,120 @@ def test_each_stackexchange_option(option: str, field: str, value: str, expected
     assert getattr(s, field) == expected
 
 
+# --------------------------------------------------------------------------- Sentinel, Cluster
+
+
+def test_stackexchange_sentinel_form() -> None:
+    """serviceName makes the endpoints Sentinels (default port 26379), with their own
+    credentials."""
+    s = parse_connection_string(
+        "s1:26379,s2,serviceName=mymaster,user=app,password=node,"
+        "sentinelUser=watcher,sentinelPassword=spass,ssl=true,defaultDatabase=3"
+    )
+    assert s.sentinel
+    assert s.service_name == "mymaster"
+    assert s.endpoints == (Endpoint("s1", 26379), Endpoint("s2", 26379))
+    assert (s.username, s.password, s.database, s.ssl) == ("app", "node", 3, True)
+    kw = s.sentinel_kwargs(s.endpoints[1])
+    assert (kw["host"], kw["port"], kw["username"], kw["password"]) == (
+        "s2",
+        26379,
+        "watcher",
+        "spass",
+    )
+    assert "db" not in kw
+    assert kw["ssl"] is True
+
+
+def test_sentinel_credentials_fall_back_to_user_and_password() -> None:
+    """Without sentinelUser / sentinelPassword the Sentinels get user / password, as in
+    StackExchange.Redis."""
+    s = parse_connection_string("s1,serviceName=m,user=app,password=node")
+    kw = s.sentinel_kwargs(s.endpoints[0])
+    assert (kw["username"], kw["password"]) == ("app", "node")
+    only_password = parse_connection_string("s1,serviceName=m,password=node,sentinelUser=w")
+    kw = only_password.sentinel_kwargs(only_password.endpoints[0])
+    assert (kw["username"], kw["password"]) == ("w", "node")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "redis+sentinel://app:node@s1:26379,s2/mymaster/3?sentinelPassword=spass&sentinelUser=watcher",
+        "redis+sentinel://app:node@s1,s2:26379/mymaster/3?sentinel_password=spass&sentinel_username=watcher",
+        "redis://app:node@s1,s2/3?serviceName=mymaster&sentinelPassword=spass&sentinelUser=watcher",
+        "s1,s2,serviceName=mymaster,user=app,password=node,defaultDatabase=3,"
+        "sentinelPassword=spass,sentinelUser=watcher",
+    ],
+)
+def test_sentinel_url_forms_mean_the_same(text: str) -> None:
+    """redis+sentinel://hosts/service/db, redis://...?serviceName= and the StackExchange
+    form give the same settings."""
+    s = parse_connection_string(text)
+    assert s == RedisSettings(
+        endpoints=(Endpoint("s1", 26379), Endpoint("s2", 26379)),
+        username="app",
+        password="node",
+        database=3,
+        service_name="mymaster",
+        sentinel_username="watcher",
+        sentinel_password="spass",
+    )
+
+
+def test_sentinel_url_with_tls_and_no_database() -> None:
+    """rediss+sentinel:// turns TLS on; the database defaults to 0; a service name may be
+    percent-encoded."""
+    s = parse_connection_string("rediss+sentinel://s/my%2Fmaster?ssl_ca_certs=/ca.pem")
+    assert (s.ssl, s.database, s.service_name, s.ssl_ca_file) == (True, 0, "my/master", "/ca.pem")
+
+
+def test_several_hosts_in_a_url_are_kept_in_order() -> None:
+    """redis://a,b:2/0 lists two servers, tried in order."""
+    s = parse_connection_string("redis://a,b:2,[::1]:3/0")
+    assert s.endpoints == (Endpoint("a", 6379), Endpoint("b", 2), Endpoint("::1", 3))
+    assert not s.sentinel
+
+
+def test_with_endpoint_names_one_plain_server() -> None:
+    """with_endpoint gives the settings of one discovered data node: no Sentinel left."""
+    s = parse_connection_string("s1,s2,serviceName=m,password=p,sentinelPassword=q")
+    node = s.with_endpoint(Endpoint("10.0.0.9", 6379))
+    assert node.endpoints == (Endpoint("10.0.0.9", 6379),)
+    assert not node.sentinel and node.sentinel_password is None
+    assert node.password == "p"
+    assert node.redis_kwargs()["host"] == "10.0.0.9"
+
+
+@pytest.mark.parametrize(
+    ("text", "option"),
+    [
+        ("h,sentinelPassword=x", "sentinelPassword"),
+        ("h,sentinelUser=x", "sentinelUser"),
+        ("redis://h?sentinel_password=x", "sentinelPassword"),
+        ("redis://h?sentinelUser=x", "sentinelUser"),
+        ("/run/redis.sock,serviceName=m", "serviceName"),
+        ("redis+sentinel://h", "serviceName"),
+        ("redis+sentinel://h/", "serviceName"),
+        ("redis+sentinel://h/m/x", "db"),
+        ("redis+sentinel://h/m/1/2", "db"),
+        ("redis+sentinel://h/m/1?db=2", "db"),
+        ("redis+sentinel://h/m?serviceName=n", "serviceName"),
+        ("redis+sentinel://h,h:26379/m", "endpoint"),
+        ("redis://a,,b", "host"),
+        ("redis://a:1,a:1", "endpoint"),
+        ("redis+sentinel://h/m?ssl_ca_certs=/x", "ssl_ca_certs"),
+        ("unix+sentinel:///s", "scheme"),
+    ],
+)
+def test_sentinel_and_endpoint_mistakes_are_named(text: str, option: str) -> None:
+    """Sentinel options that cannot work, and malformed host lists, are refused naming the
+    option, never silently ignored."""
+    with pytest.raises(ConfigurationError) as info:
+        parse_connection_string(text)
+    assert info.value.option == option
+
+
 def test_sync_and_async_timeout_larger_wins() -> None:
     """When both syncTimeout and asyncTimeout are given, the larger one is used."""
     assert parse_connection_string("h,syncTimeout=1000,asyncTimeout=3000").sync_timeout == 3.0
@@ -726,6 +840,11 @@ def test_no_tls_keys_without_ssl() -> None:
         ("cache1.example:6380,ssl=true,password=pw", "rediss://cache1.example:6380/0"),
         ("unix:///tmp/r.sock?password=pw", "unix:///tmp/r.sock?db=0"),
         ("a,b:7,[::1],defaultDatabase=2", "redis://a:6379,b:7,[::1]:6379/2"),
+        (
+            "s1,s2:7,serviceName=my master,password=pw",
+            "redis+sentinel://s1:26379,s2:7/my%20master/0",
+        ),
+        ("rediss+sentinel://u:pw@s/m/3", "rediss+sentinel://u@s:26379/m/3"),
     ],
 )
 def test_describe(text: str, described: str) -> None:
@@ -800,6 +919,10 @@ BROKEN_SE = [
     "password={pw},bad host",
     "h,password={pw},name=has space",
     "/sock,password={pw},ssl=true",
+    "h,sentinelPassword={pw},serviceName=m,bogus=1",
+    "h,sentinelPassword={pw}",
+    "sentinelPassword={pw},serviceName=m",
+    "/sock,sentinelPassword={pw},serviceName=m",
 ]
 
 BROKEN_URL = [
@@ -814,6 +937,10 @@ BROKEN_URL = [
     "redis://u:{q}@h?ssl_ca_certs=/x",
     "redis://u:{q}@::1/0",
     "ftp://u:{q}@h",
+    "redis+sentinel://u:{q}@h/m/x?sentinelPassword={q}",
+    "redis+sentinel://u:{q}@h?sentinelPassword={q}",
+    "redis://h?sentinelPassword={q}",
+    "rediss+sentinel://h/m?sentinel_password={q}&db=x",
 ]
 
 
@@ -855,6 +982,15 @@ def test_password_kept_but_never_shown(pw: str) -> None:
         assert s.password == expected
         for shown in (repr(s), str(s), s.describe()):
             assert MARK not in shown
+    for text in (
+        f"s,serviceName=m,sentinelPassword={pw}",
+        f"redis+sentinel://s/m?sentinelPassword={quote(pw, safe='')}",
+    ):
+        s = parse_quietly(text)
+        assert MARK in (s.sentinel_password or "")
+        assert MARK in s.sentinel_kwargs(s.endpoints[0])["password"]
+        for shown in (repr(s), str(s), s.describe()):
+            assert MARK not in shown
 
 
 def test_scrub_replaces_password_text() -> None:
@@ -879,6 +1015,8 @@ def outcome_is_settings_or_configuration_error(text: str) -> None:
     assert result.endpoints or result.unix_socket
     result.describe()
     result.redis_kwargs()
+    if result.sentinel:
+        result.sentinel_kwargs(result.endpoints[0])
 
 
 @given(st.text())
@@ -904,6 +1042,8 @@ _fragments = st.sampled_from(
         "defaultDatabase=99",
         "sslHost=h",
         "serviceName=m",
+        "sentinelPassword=p",
+        "sentinelUser=u",
         "allowAdmin=true",
         "$PING=",
         "=",
@@ -925,7 +1065,9 @@ _url_alphabet = st.sampled_from([*"abh019:@/?&=#[]%.-_+ ,", "%ff", "%40", "::1"]
 
 
 @given(
-    scheme=st.sampled_from(["redis://", "rediss://", "unix://", "REDIS://", "x://"]),
+    scheme=st.sampled_from(
+        ["redis://", "rediss://", "unix://", "REDIS://", "x://", "redis+sentinel://"]
+    ),
     rest=st.lists(_url_alphabet, max_size=20).map("".join),
 )
 def test_fuzz_url_like_text(scheme: str, rest: str) -> None:

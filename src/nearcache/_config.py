@@ -1,4 +1,4 @@
-"""Connection strings: the StackExchange.Redis form and ``redis://`` URLs.
+"""Connection strings: the StackExchange.Redis form and ``redis://`` / ``redis+sentinel://`` URLs.
 
 :func:`parse_connection_string` turns a connection string into a frozen
 :class:`RedisSettings`. Parsing is pure: it does no I/O, resolves no names and opens no
@@ -12,13 +12,17 @@ Two forms are accepted.
     vc.redis.cache.windows.net:6380,password=abc=,ssl=True,abortConnect=False
     10.0.0.5:6379,10.0.0.6:6379,user=app,password=s3cret,defaultDatabase=2
     [::1]:6379,connectTimeout=2000
+    s1:26379,s2:26379,s3,serviceName=mymaster,password=node-pass,sentinelPassword=s-pass
 
 - Comma-separated tokens; whitespace around a token, an option name and a value is trimmed;
   empty tokens are ignored.
 - A token without ``=`` is an endpoint: ``host``, ``host:port``, ``[ipv6]``,
   ``[ipv6]:port``, a bare IPv6 address (no port; use brackets to give one), or an absolute
   path (``/run/redis.sock``, a Unix socket; nearcache extension, alone, without ``ssl``).
-  Several endpoints may be listed; each may appear only once.
+  Several endpoints may be listed; each may appear only once. Without ``serviceName`` they
+  are Redis servers tried in order until one answers (a standalone server, or any node of a
+  Redis Cluster: cluster mode is detected from the server, as StackExchange.Redis does).
+  With ``serviceName`` they are Sentinels, all of which are asked who the primary is.
 - When an endpoint has no port, the default is the StackExchange.Redis one: 6379, or 6380
   when ``ssl=True``, or 26379 (Sentinel) when ``serviceName`` is set.
 - A token with ``=`` is ``option=value``, split on the *first* ``=`` only, so a value may
@@ -42,6 +46,17 @@ Two forms are accepted.
 - The database is the path (``/2``) or ``?db=2``, not both. Query option names are
   case-insensitive, each may be given once, and an unknown one is an error.
 - TLS options (``ssl_*``, ``sslHost``) need ``rediss://``.
+- Several hosts may be given, comma-separated: ``redis://a:6379,b:6379/0``.
+
+**Sentinel URL** (the form of the ``redis-sentinel-url`` convention)::
+
+    redis+sentinel://[[username]:password@]host[:port][,host[:port]...]/service[/db][?...]
+    rediss+sentinel://...   TLS to the Sentinels and to the data nodes
+
+- The hosts are Sentinels (default port 26379); the first path segment is the service
+  (master) name, the optional second one the database. The userinfo is the data nodes'
+  credentials, which the Sentinels also use unless ``sentinelUser`` / ``sentinelPassword``
+  are given in the query. ``redis://s1:26379?serviceName=mymaster`` means the same.
 
 Options (StackExchange name | URL query name | meaning; default):
 
@@ -72,8 +87,16 @@ StackExchange form      URL query                     Meaning (default)
                                                       turns it off (60)
 ``channelPrefix``       ``channelPrefix``,            prefix for every Pub/Sub channel (``""``)
                         ``channel_prefix``
-``serviceName``         ``serviceName``               Redis Sentinel master name (none)
-``connectRetry``        ``connectRetry``              connection attempts at start (3)
+``serviceName``         path of ``redis+sentinel://``, the Sentinel service (master) name: the
+                        ``serviceName``               endpoints are Sentinels (none)
+``sentinelUser``        ``sentinelUser``,             ACL username for the Sentinels
+                        ``sentinel_username``         (``user``)
+``sentinelPassword``    ``sentinelPassword``,         password for the Sentinels; never shown
+                        ``sentinel_password``         (``password``)
+``connectRetry``        ``connectRetry``              rounds of connection attempts over every
+                                                      endpoint before ``abortConnect`` gives
+                                                      up at start, each attempt bounded by
+                                                      ``connectTimeout`` (3; 0 means 1)
 ======================  ============================  ==========================================
 
 .. [1] nearcache extension; StackExchange.Redis configures these in code.
@@ -91,7 +114,8 @@ StackExchange.Redis options with no meaning in nearcache are accepted with a
 ``tieBreaker``, ``tunnel``, ``version``, ``writeBuffer``.
 
 Anything else that is wrong (an unknown option or URL scheme, a bad value, a port outside
-1..65535, an empty host, no endpoint, a repeated option or endpoint, an empty string) raises
+1..65535, an empty host, no endpoint, a repeated option or endpoint, an empty string, Sentinel
+credentials without a service name, a service name with a Unix socket) raises
 :class:`~nearcache.ConfigurationError`; its ``option`` attribute names the offending option
 and its message never contains the password.
 """
@@ -102,7 +126,7 @@ import ipaddress
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -165,7 +189,14 @@ class RedisSettings:
     keepalive: float | None = 60.0
     channel_prefix: str = ""
     service_name: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
     connect_retry: int = 3
+
+    @property
+    def sentinel(self) -> bool:
+        """Whether the endpoints are Sentinels to ask for the primary of :attr:`service_name`."""
+        return self.service_name is not None
 
     def redis_kwargs(self, endpoint: Endpoint | None = None) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis(**kw)`` / ``redis.asyncio.Redis(**kw)``.
@@ -215,17 +246,46 @@ class RedisSettings:
             kw["ssl_check_hostname"] = self.ssl_verify
         return kw
 
+    def sentinel_kwargs(self, endpoint: Endpoint) -> dict[str, Any]:
+        """Keyword arguments for a client of the Sentinel at ``endpoint``.
+
+        The same as :meth:`redis_kwargs` (TLS, timeouts, keepalive, client name) but with the
+        Sentinel credentials (``sentinelUser`` / ``sentinelPassword``, each falling back to
+        ``user`` / ``password`` as in StackExchange.Redis) and without a database.
+        """
+        kw = self.redis_kwargs(endpoint)
+        del kw["db"]
+        kw["username"] = self.sentinel_username or self.username
+        kw["password"] = self.sentinel_password or self.password
+        return kw
+
+    def with_endpoint(self, endpoint: Endpoint) -> RedisSettings:
+        """A copy naming just ``endpoint`` (a data node found by discovery), as a plain
+        server: no Sentinel service name."""
+        return replace(
+            self,
+            endpoints=(endpoint,),
+            unix_socket=None,
+            service_name=None,
+            sentinel_username=None,
+            sentinel_password=None,
+        )
+
     def describe(self) -> str:
         """A one-line description safe for logs (never the password).
 
         For example ``redis://app@127.0.0.1:6379/0``, ``rediss://cache1.example:6380/0``,
-        ``redis://a:6379,b:6379/0`` or ``unix:///tmp/r.sock?db=0``.
+        ``redis://a:6379,b:6379/0``, ``unix:///tmp/r.sock?db=0`` or
+        ``redis+sentinel://s1:26379,s2:26379/mymaster/0``.
         """
         user = f"{quote(self.username, safe='')}@" if self.username else ""
         if self.unix_socket is not None:
             return f"unix://{user}{quote(self.unix_socket)}?db={self.database}"
         scheme = "rediss" if self.ssl else "redis"
         hosts = ",".join(str(e) for e in self.endpoints) or "<no endpoint>"
+        if self.service_name is not None:
+            service = quote(self.service_name, safe="")
+            return f"{scheme}+sentinel://{user}{hosts}/{service}/{self.database}"
         return f"{scheme}://{user}{hosts}/{self.database}"
 
 
@@ -251,6 +311,7 @@ def parse_connection_string(text: str) -> RedisSettings:
             settings = _parse_url(stripped, match.group(1), notes)
         else:
             settings = _parse_stackexchange(stripped, notes)
+        _check_sentinel(settings)
     except ConfigurationError as exc:
         raise _scrub(exc, _secret_candidates(stripped)) from None
     _check_ssl_host(settings, notes)
@@ -389,6 +450,8 @@ _SE_OPTIONS = _table(
     _Option("keepAlive", "keepalive", _to_keepalive),
     _Option("name", "client_name", _to_client_name),
     _Option("password", "password", _to_secret),
+    _Option("sentinelPassword", "sentinel_password", _to_secret),
+    _Option("sentinelUser", "sentinel_username", _to_text),
     _Option("serviceName", "service_name", _to_text),
     _Option("ssl", "ssl", _to_bool),
     _Option("sslCaFile", "ssl_ca_file", _to_text),
@@ -452,6 +515,10 @@ _URL_OPTIONS = _table(
     _Option("keepAlive", "keepalive", _to_keepalive),
     _Option("connectRetry", "connect_retry", _to_nonneg_int),
     _Option("serviceName", "service_name", _to_text),
+    _Option("sentinelUser", "sentinel_username", _to_text),
+    _Option("sentinel_username", "sentinel_username", _to_text),
+    _Option("sentinelPassword", "sentinel_password", _to_secret),
+    _Option("sentinel_password", "sentinel_password", _to_secret),
 )
 
 
@@ -520,6 +587,11 @@ def _parse_stackexchange(text: str, notes: list[str]) -> RedisSettings:
     if unix_socket is not None:
         if ssl:
             raise ConfigurationError("ssl: TLS is not supported over a Unix socket", option="ssl")
+        if values.get("service_name"):
+            raise ConfigurationError(
+                "serviceName: Sentinels are reached over TCP, not a Unix socket",
+                option="serviceName",
+            )
         return RedisSettings(unix_socket=unix_socket, **values)
     if not hosts:
         raise ConfigurationError("no endpoint given (expected host[:port])", option="endpoint")
@@ -595,11 +667,15 @@ def _endpoints(hosts: list[tuple[str, int | None]], default_port: int) -> tuple[
 # --------------------------------------------------------------------------- URL form
 
 
+_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
 def _parse_url(text: str, scheme: str, notes: list[str]) -> RedisSettings:
     scheme = scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in _URL_SCHEMES:
         raise ConfigurationError(
-            f"unsupported URL scheme {_show(scheme)}; expected redis://, rediss:// or unix://",
+            f"unsupported URL scheme {_show(scheme)}; expected redis://, rediss://, unix://, "
+            "redis+sentinel:// or rediss+sentinel://",
             option="scheme",
         )
     # Messages below never quote the netloc or path: a malformed URL may have its password
@@ -639,7 +715,7 @@ def _parse_url(text: str, scheme: str, notes: list[str]) -> RedisSettings:
         if password:
             give("password", "password", password)
 
-    tls = scheme == "rediss"
+    tls = scheme.startswith("rediss")
     for piece in parts.query.split("&"):
         if not piece:
             continue
@@ -671,7 +747,23 @@ def _parse_url(text: str, scheme: str, notes: list[str]) -> RedisSettings:
             raise ConfigurationError("the unix:// URL has no socket path", option="unix_socket")
         return RedisSettings(unix_socket=socket_path, **values)
 
-    if path not in ("", "/"):
+    if scheme.endswith("+sentinel"):
+        service, _, digits = path[1:].partition("/")
+        service = _unquote(service, "serviceName")
+        if not service:
+            raise ConfigurationError(
+                "a Sentinel URL names the service in its path: "
+                "redis+sentinel://host[:port][,host[:port]...]/service[/db]",
+                option="serviceName",
+            )
+        give("service_name", "serviceName", service)
+        if digits:
+            if not _DB_PATH_RE.fullmatch(digits):
+                raise ConfigurationError(
+                    "the URL path must be /<service name>[/<database number>]", option="db"
+                )
+            give("database", "db", int(digits))
+    elif path not in ("", "/"):
         digits = path[1:]
         if not _DB_PATH_RE.fullmatch(digits):
             raise ConfigurationError("the URL path must be /<database number>", option="db")
@@ -694,10 +786,9 @@ def _parse_url(text: str, scheme: str, notes: list[str]) -> RedisSettings:
     if tls:
         values["ssl_verify"] = cert_required is not False and check_hostname is not False
 
-    host, port = _parse_url_hostport(hostport)
+    hosts = [_parse_url_hostport(piece) for piece in hostport.split(",")]
     default_port = _DEFAULT_SENTINEL_PORT if values.get("service_name") else _DEFAULT_PORT
-    endpoint = Endpoint(host, default_port if port is None else port)
-    return RedisSettings(endpoints=(endpoint,), ssl=tls, **values)
+    return RedisSettings(endpoints=_endpoints(hosts, default_port), ssl=tls, **values)
 
 
 def _parse_url_hostport(hostport: str) -> tuple[str, int | None]:
@@ -735,6 +826,21 @@ def _unquote(text: str, what: str) -> str:
 # --------------------------------------------------------------------------- checks and hygiene
 
 
+def _check_sentinel(settings: RedisSettings) -> None:
+    """Sentinel credentials mean nothing without a service name: refuse, never ignore."""
+    if settings.sentinel:
+        return
+    for name, value in (
+        ("sentinelUser", settings.sentinel_username),
+        ("sentinelPassword", settings.sentinel_password),
+    ):
+        if value is not None:
+            raise ConfigurationError(
+                f"{name}: only used with Sentinel (serviceName=, or a redis+sentinel:// URL)",
+                option=name,
+            )
+
+
 def _check_ssl_host(settings: RedisSettings, notes: list[str]) -> None:
     if not settings.ssl or settings.ssl_host is None:
         return
@@ -746,12 +852,15 @@ def _check_ssl_host(settings: RedisSettings, notes: list[str]) -> None:
         )
 
 
+_SECRET_OPTIONS = ("password", "sentinelpassword", "sentinel_password")
+
+
 def _secret_candidates(text: str) -> list[str]:
     """Every string that might be the password, found without trusting the syntax."""
     found: list[str] = []
     for token in text.split(","):
         key, sep, value = token.partition("=")
-        if sep and key.strip().lower() == "password":
+        if sep and key.strip().lower() in _SECRET_OPTIONS:
             found.append(value.strip())
     _, sep, rest = text.partition("://")
     if sep:
@@ -761,7 +870,7 @@ def _secret_candidates(text: str) -> list[str]:
             found.append(userinfo.partition(":")[2])
         for piece in re.split(r"[?&]", rest):
             key, sep, value = piece.partition("=")
-            if sep and key.lower() == "password":
+            if sep and key.lower() in _SECRET_OPTIONS:
                 found.append(value)
     decoded = [unquote(secret, errors="replace") for secret in found]
     return sorted({s for s in found + decoded if len(s) >= 4}, key=len, reverse=True)

@@ -1,0 +1,258 @@
+"""Where a channel lives: standalone server, Sentinel-managed primary or Redis Cluster shard.
+
+:func:`locate` (threaded) and :func:`alocate` (asyncio) take the parsed settings and the wire
+channel and return a :class:`Placement`: the node to subscribe on and publish to, and the
+channel's name there. Nothing is configured per topology beyond the connection string:
+
+- With ``serviceName``, the Sentinels are asked (see :mod:`.sentinel`) and the primary a
+  majority names is checked to say ``role:master`` itself.
+- Otherwise the endpoints are tried in order. Each is asked ``HELLO`` (one round trip: its
+  version, its mode and its role). A replica is skipped; a Sentinel is refused (the string
+  lacks ``serviceName``); a cluster node (``mode:cluster``, as StackExchange.Redis detects
+  it) is asked ``CLUSTER SLOTS``, and the placement is the primary of the channel's slot.
+
+On a cluster the channel is hash-tagged (:func:`~nearcache._core.topology.cluster_channel`),
+sharded Pub/Sub is required (Redis 7.0 or later) and only database 0 exists; each is checked
+here and refused with a :class:`~nearcache.ConfigurationError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from nearcache._config import Endpoint, RedisSettings
+from nearcache._core.topology import (
+    PrimaryClaim,
+    ServerTraits,
+    cluster_channel,
+    key_slot,
+    parse_hello,
+    slot_primary,
+)
+from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
+
+if TYPE_CHECKING:
+    from nearcache._backplane.sentinel import AsyncSentinelResolver, SentinelResolver
+
+__all__ = ["Placement", "alocate", "locate", "node_kwargs"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one channel lives now.
+
+    ``endpoint`` is None for a Unix socket. ``claim`` is the Sentinel majority's claim the
+    placement follows (None without Sentinel); ``slot`` the channel's hash slot on a cluster.
+    """
+
+    endpoint: Endpoint | None
+    channel: str
+    traits: ServerTraits
+    claim: PrimaryClaim | None = None
+    slot: int | None = None
+    node_id: str | None = None
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the channel lives on a Redis Cluster shard (sharded Pub/Sub)."""
+        return self.slot is not None
+
+    def settings(self, settings: RedisSettings) -> RedisSettings:
+        """``settings`` narrowed to this placement's node."""
+        return settings if self.endpoint is None else settings.with_endpoint(self.endpoint)
+
+
+def node_kwargs(settings: RedisSettings, endpoint: Endpoint | None) -> dict[str, Any]:
+    """redis-py client arguments for one data node, with redis-py's retries off."""
+    kwargs = settings.redis_kwargs(endpoint)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    kwargs["health_check_interval"] = 0
+    return kwargs
+
+
+def _probe_error(endpoint: Endpoint | None, exc: BaseException) -> str:
+    where = "the Unix socket" if endpoint is None else str(endpoint)
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+def _traits_from(reply: Any, error: redis.ResponseError | None) -> ServerTraits:
+    if error is None:
+        return parse_hello(reply)
+    if "unknown command" in str(error).lower():
+        return ServerTraits((5,), "standalone", "master")  # HELLO came with Redis 6.0
+    return ServerTraits((0,), "unknown", "master")  # HELLO not permitted: see CLUSTER SLOTS
+
+
+def _decide(
+    settings: RedisSettings,
+    channel: str,
+    endpoint: Endpoint | None,
+    traits: ServerTraits,
+    slots: Any,
+) -> Placement | str:
+    """The placement, or why this endpoint is skipped. ``slots`` is the CLUSTER SLOTS reply
+    (None on a standalone server)."""
+    if traits.mode == "sentinel":
+        raise ConfigurationError(
+            f"serviceName: {endpoint} is a Sentinel; name the service to ask it about "
+            "(serviceName=... or a redis+sentinel:// URL)",
+            option="serviceName",
+        )
+    if slots is None:
+        if traits.role != "master":
+            return f"{endpoint}: a replica"
+        return Placement(endpoint, channel, traits)
+    if traits.version != (0,) and not traits.sharded_pubsub:
+        shown = ".".join(map(str, traits.version))
+        raise ConfigurationError(
+            f"{endpoint} is a Redis Cluster node running Redis {shown}; nearcache needs "
+            "sharded Pub/Sub there (Redis 7.0 or later)",
+            option="endpoint",
+        )
+    if settings.database != 0:
+        raise ConfigurationError(
+            f"defaultDatabase: a Redis Cluster has only database 0, not {settings.database}",
+            option="defaultDatabase",
+        )
+    tagged = cluster_channel(channel)
+    slot = key_slot(tagged)
+    owner = slot_primary(slots, slot)
+    if owner is None:
+        return f"{endpoint}: no node serves slot {slot}"
+    host, port, node_id = owner
+    where = Endpoint(host or (endpoint.host if endpoint else "127.0.0.1"), port)
+    return Placement(where, tagged, traits, slot=slot, node_id=node_id or None)
+
+
+def _is_cluster_disabled(exc: redis.ResponseError) -> bool:
+    return "cluster support disabled" in str(exc).lower()
+
+
+def _candidates(settings: RedisSettings) -> list[Endpoint | None]:
+    return [None] if settings.unix_socket is not None else list(settings.endpoints)
+
+
+def _unavailable(settings: RedisSettings, reasons: list[str]) -> BackplaneUnavailableError:
+    return BackplaneUnavailableError(
+        f"no usable Redis primary at {settings.describe()} ({'; '.join(reasons)})"
+    )
+
+
+def _probe_kwargs(settings: RedisSettings, endpoint: Endpoint | None) -> dict[str, Any]:
+    # Database 0 always: a cluster refuses SELECT, and must be told apart first.
+    return {**node_kwargs(settings, endpoint), "db": 0}
+
+
+def _probe(settings: RedisSettings, channel: str, endpoint: Endpoint | None) -> Placement | str:
+    with redis.Redis(**_probe_kwargs(settings, endpoint)) as client:
+        error: redis.ResponseError | None = None
+        reply: Any = None
+        try:
+            reply = client.execute_command("HELLO")
+        except redis.ResponseError as exc:
+            error = exc
+        traits = _traits_from(reply, error)
+        slots: Any = None
+        if traits.mode in ("cluster", "unknown"):
+            try:
+                slots = client.execute_command("CLUSTER", "SLOTS")
+            except redis.ResponseError as exc:
+                if not _is_cluster_disabled(exc):
+                    raise
+        return _decide(settings, channel, endpoint, traits, slots)
+
+
+def locate(
+    settings: RedisSettings, channel: str, sentinels: SentinelResolver | None = None
+) -> Placement:
+    """Find where ``channel`` lives now (threaded); see the module docstring.
+
+    Raises :class:`~nearcache.ConfigurationError` for what no retry can fix (a Sentinel
+    without ``serviceName``, an unknown service, a cluster on Redis < 7, a database other
+    than 0 or a braced channel on a cluster) and
+    :class:`~nearcache.BackplaneUnavailableError` when no primary can be reached now.
+    """
+    if sentinels is not None:
+        claim = sentinels.primary()
+        try:
+            found = _probe(settings, channel, claim.endpoint)
+        except (redis.RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(
+                "the primary the Sentinels name is unreachable: "
+                + _probe_error(claim.endpoint, exc)
+            ) from exc
+        if isinstance(found, str):
+            raise BackplaneUnavailableError(f"the Sentinels name {found} (not yet a primary)")
+        return Placement(found.endpoint, found.channel, found.traits, claim=claim)
+    reasons: list[str] = []
+    for endpoint in _candidates(settings):
+        try:
+            found = _probe(settings, channel, endpoint)
+        except (redis.RedisError, OSError) as exc:
+            reasons.append(_probe_error(endpoint, exc))
+            continue
+        if isinstance(found, Placement):
+            return found
+        reasons.append(found)
+    raise _unavailable(settings, reasons)
+
+
+async def _aprobe(
+    settings: RedisSettings, channel: str, endpoint: Endpoint | None
+) -> Placement | str:
+    client = redis.asyncio.Redis(**_probe_kwargs(settings, endpoint))
+    try:
+        error: redis.ResponseError | None = None
+        reply: Any = None
+        try:
+            reply = await client.execute_command("HELLO")  # type: ignore[no-untyped-call]
+        except redis.ResponseError as exc:
+            error = exc
+        traits = _traits_from(reply, error)
+        slots: Any = None
+        if traits.mode in ("cluster", "unknown"):
+            try:
+                slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            except redis.ResponseError as exc:
+                if not _is_cluster_disabled(exc):
+                    raise
+        return _decide(settings, channel, endpoint, traits, slots)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+async def alocate(
+    settings: RedisSettings, channel: str, sentinels: AsyncSentinelResolver | None = None
+) -> Placement:
+    """The asyncio flavour of :func:`locate`."""
+    if sentinels is not None:
+        claim = await sentinels.primary()
+        try:
+            found = await _aprobe(settings, channel, claim.endpoint)
+        except (redis.RedisError, OSError) as exc:
+            raise BackplaneUnavailableError(
+                "the primary the Sentinels name is unreachable: "
+                + _probe_error(claim.endpoint, exc)
+            ) from exc
+        if isinstance(found, str):
+            raise BackplaneUnavailableError(f"the Sentinels name {found} (not yet a primary)")
+        return Placement(found.endpoint, found.channel, found.traits, claim=claim)
+    reasons: list[str] = []
+    for endpoint in _candidates(settings):
+        try:
+            found = await _aprobe(settings, channel, endpoint)
+        except (redis.RedisError, OSError) as exc:
+            reasons.append(_probe_error(endpoint, exc))
+            continue
+        if isinstance(found, Placement):
+            return found
+        reasons.append(found)
+    raise _unavailable(settings, reasons)
