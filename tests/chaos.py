@@ -4,7 +4,9 @@ Run it (it starts its own Redis servers and proxies on loopback)::
 
     .venv/bin/python -m tests.chaos --duration 300 --instances 4
 
-Each instance process reads keys through ``NearCache.get_or_set`` from a source of truth (a
+Instances alternate between ``NearCache`` and ``AsyncNearCache`` (``--drivers``); in an
+asyncio instance ``--tasks`` tasks share the load on one event loop.
+Each instance process reads keys through ``get_or_set`` from a source of truth (a
 second Redis, never faulted, holding a version number per key) and sometimes writes: it bumps
 the version in the source, then invalidates (remove, clear_region or clear) and calls
 ``flush()``. Every instance reaches the backplane Redis through its own TCP proxy, so faults
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import os
 import random
@@ -50,9 +53,74 @@ FAULTS = (
     "pause_instance",
 )
 REGIONS = ("a", "b", "c", "d")
+DRIVER_NAMES = {"sync": "NearCache (threads)", "async": "AsyncNearCache (asyncio)"}
 
 
 # -- the instance process ----------------------------------------------------------------
+
+CONNECTION = "127.0.0.1:{port},abortConnect=False,connectTimeout=1000,syncTimeout=2000"
+DRIVERS = {"sync": ("sync",), "async": ("async",), "mix": ("sync", "async")}
+
+
+class Load:
+    """The mixed load of one instance process: what to do next, and what happened.
+
+    Shared by the threaded worker (one loop) and the asyncio worker (several tasks on one
+    loop); only the calls into the cache and the source of truth differ between them.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.keys = [f"k{i}" for i in range(args.keys)]
+        self.weights = [1 / (i + 1) for i in range(args.keys)]  # Zipf, s = 1
+        self.reads: list[tuple[float, str, int, bool]] = []
+        self.writes: list[tuple[str, str, int, float]] = []  # kind, key, version, flushed
+        self.samples: list[tuple[float, int, int]] = []  # time, hits, misses (this process)
+        self.hits = self.misses = self.unflushed = 0
+        self.end = time.monotonic() + args.duration
+        self._next_sample = 0.0
+
+    def next(self) -> tuple[str, str, str | None] | None:
+        """The next operation: key, region and the kind of write (None for a read); None
+        once the run is over."""
+        now = time.monotonic()
+        if now >= self.end:
+            return None
+        if now >= self._next_sample:
+            self.samples.append((now, self.hits, self.misses))
+            self._next_sample = now + 0.1
+        rng = self.rng
+        key = rng.choices(self.keys, self.weights)[0]
+        region = REGIONS[int(key[1:]) % len(REGIONS)]
+        if rng.random() >= self.args.write_ratio:
+            return key, region, None
+        roll = rng.random()
+        return key, region, "remove" if roll < 0.9 else "clear_region" if roll < 0.995 else "clear"
+
+    def read(self, start: float, key: str, value: object, hit: bool) -> None:
+        self.reads.append((start, key, int(value), hit))  # type: ignore[arg-type]
+        self.hits += hit
+        self.misses += not hit
+
+    def written(self, kind: str, key: str, version: int) -> None:
+        """``flush()`` returned for this write just now."""
+        self.writes.append((kind, key, version, time.monotonic()))
+
+    def save(self, stats: Any, close_seconds: float) -> None:
+        """Write the instance's results for the conductor."""
+        self.samples.append((time.monotonic(), self.hits, self.misses))
+        result = {
+            "driver": self.args.driver,
+            "reads": self.reads,
+            "writes": self.writes,
+            "samples": self.samples,
+            "unflushed": self.unflushed,
+            "stats": dataclasses.asdict(stats),
+            "state_at_end": stats.backplane,
+            "close_seconds": close_seconds,
+        }
+        Path(self.args.out).write_text(json.dumps(result))
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -65,57 +133,37 @@ def worker(args: argparse.Namespace) -> None:
 
     logging.getLogger("nearcache").setLevel(logging.ERROR)  # faults are expected here
 
-    rng = random.Random(args.seed)
     source = redis.Redis(port=args.source_port)
     cache = NearCache(
-        f"127.0.0.1:{args.proxy_port},abortConnect=False,connectTimeout=1000,syncTimeout=2000",
+        CONNECTION.format(port=args.proxy_port),
         channel=args.channel,
         max_staleness=args.max_staleness,
         reconcile_interval=1.0,
     )
-    keys = [f"k{i}" for i in range(args.keys)]
-    weights = [1 / (i + 1) for i in range(args.keys)]  # Zipf, s = 1
-    reads: list[tuple[float, str, int, bool]] = []
-    writes: list[tuple[str, str, int, float]] = []  # kind, key, version, flush returned
-    samples: list[tuple[float, int, int]] = []  # time, hits, misses (this process)
-    hits = misses = 0
-    unflushed = 0
-    end = time.monotonic() + args.duration
-    next_sample = 0.0
+    load = Load(args)
     print(json.dumps({"ready": True}), flush=True)
-    while (now := time.monotonic()) < end:
-        key = rng.choices(keys, weights)[0]
-        region = REGIONS[int(key[1:]) % len(REGIONS)]
-        if rng.random() < args.write_ratio:
+    while (op := load.next()) is not None:
+        key, region, write = op
+        if write is not None:
             version = int(source.incr(key))
-            roll = rng.random()
-            if roll < 0.9:
-                kind = "remove"
+            if write == "remove":
                 cache.remove(key, region=region)
-            elif roll < 0.995:
-                kind = "clear_region"
+            elif write == "clear_region":
                 cache.clear_region(region)
             else:
-                kind = "clear"
                 cache.clear()
             try:
                 cache.flush(timeout=args.max_staleness)
-                writes.append((kind, key, version, time.monotonic()))
+                load.written(write, key, version)
             except FlushTimeoutError:
-                unflushed += 1  # not acknowledged: no promise was made for this write
+                load.unflushed += 1  # not acknowledged: no promise was made for this write
         else:
             start = time.monotonic()
             value = cache.get(key, MISSING, region)
             hit = value is not MISSING
             if not hit:
                 value = cache.get_or_set(key, lambda k=key: int(source.get(k) or 0), region=region)
-            reads.append((start, key, int(value), hit))
-            hits += hit
-            misses += not hit
-        if now >= next_sample:
-            samples.append((now, hits, misses))
-            next_sample = now + 0.1
-    samples.append((time.monotonic(), hits, misses))
+            load.read(start, key, value, hit)
     # The listener must still be alive: wait for the backplane, then prove propagation.
     deadline = time.monotonic() + 30
     while cache.backplane_state is None or cache.backplane_state.value != "connected":
@@ -123,16 +171,80 @@ def worker(args: argparse.Namespace) -> None:
             break
         time.sleep(0.05)
     stats = cache.stats()
+    started = time.monotonic()
     cache.close()
-    result = {
-        "reads": reads,
-        "writes": writes,
-        "samples": samples,
-        "unflushed": unflushed,
-        "stats": stats.__dict__,
-        "state_at_end": stats.backplane,
-    }
-    Path(args.out).write_text(json.dumps(result))
+    load.save(stats, time.monotonic() - started)
+
+
+def async_worker(args: argparse.Namespace) -> None:
+    """One instance: an AsyncNearCache with ``--tasks`` tasks sharing the mixed load."""
+    import asyncio
+    import logging
+
+    import redis.asyncio as aioredis
+
+    from nearcache import MISSING, AsyncNearCache, FlushTimeoutError
+
+    logging.getLogger("nearcache").setLevel(logging.ERROR)  # faults are expected here
+
+    async def main() -> None:
+        source = aioredis.Redis(port=args.source_port)
+        cache = AsyncNearCache(
+            CONNECTION.format(port=args.proxy_port),
+            channel=args.channel,
+            max_staleness=args.max_staleness,
+            reconcile_interval=1.0,
+        )
+        await cache.start()
+        load = Load(args)
+
+        async def from_source(key: str) -> int:
+            return int(await source.get(key) or 0)
+
+        async def run() -> None:
+            while (op := load.next()) is not None:
+                key, region, write = op
+                if write is not None:
+                    version = int(await source.incr(key))
+                    if write == "remove":
+                        await cache.remove(key, region=region)
+                    elif write == "clear_region":
+                        await cache.clear_region(region)
+                    else:
+                        await cache.clear()
+                    try:
+                        await cache.flush(timeout=args.max_staleness)
+                        load.written(write, key, version)
+                    except FlushTimeoutError:
+                        load.unflushed += 1
+                else:
+                    start = time.monotonic()
+                    value = await cache.get(key, MISSING, region)
+                    hit = value is not MISSING
+                    if not hit:
+                        value = await cache.get_or_set(
+                            key, lambda k=key: from_source(k), region=region
+                        )
+                    load.read(start, key, value, hit)
+                    # A hit never suspends: yield, as any application awaiting I/O would,
+                    # so that the other tasks and the listener get the loop.
+                    await asyncio.sleep(0)
+
+        print(json.dumps({"ready": True}), flush=True)
+        await asyncio.gather(*(run() for _ in range(args.tasks)))
+        deadline = time.monotonic() + 30
+        while cache.backplane_state is None or cache.backplane_state.value != "connected":
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        stats = cache.stats()
+        started = time.monotonic()
+        await cache.aclose()
+        close_seconds = time.monotonic() - started
+        await source.aclose()
+        load.save(stats, close_seconds)
+
+    asyncio.run(main())
 
 
 # -- the conductor -------------------------------------------------------------------------
@@ -157,6 +269,9 @@ class Report:
     malformed: int = 0
     instances_connected_at_end: int = 0
     instances: int = 0
+    drivers: dict[str, int] = field(default_factory=dict)
+    stale_by_driver: dict[str, int] = field(default_factory=dict)
+    longest_close: float = 0.0
 
     def ok(self) -> bool:
         """No stale read, and every instance's listener alive at the end."""
@@ -164,15 +279,19 @@ class Report:
 
     def render(self) -> str:
         lines = [
+            "instances           "
+            + ", ".join(f"{n} {DRIVER_NAMES[d]}" for d, n in sorted(self.drivers.items())),
             f"operations          {self.operations:>10,}  ({self.reads:,} reads, "
             f"{self.writes:,} acknowledged writes, {self.unflushed_writes:,} unacknowledged)",
             f"faults injected     {sum(self.faults.values()):>10,}  "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())),
-            f"stale reads         {self.stale_reads:>10,}  (must be 0)",
+            f"stale reads         {self.stale_reads:>10,}  (must be 0)"
+            + "".join(f", {DRIVER_NAMES[d]} {n}" for d, n in sorted(self.stale_by_driver.items())),
             f"L1 hit ratio        {self.hit_ratio:>10.1%}",
             f"L1 repairs          {self.full_clears:>10,} full clears, {self.replays:,} replays "
             f"from the log, {self.losses:,} losses found live",
             f"listeners alive     {self.instances_connected_at_end:>10} / {self.instances}",
+            f"longest close       {self.longest_close * 1000:>10.0f} ms  (at the end of the run)",
             "hit ratio around faults (1 s before -> 1 s after it healed):",
         ]
         lines.extend(
@@ -205,9 +324,11 @@ class Conductor:
     def start_instances(self) -> None:
         channel = f"chaos-{os.getpid()}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        drivers = DRIVERS[self.args.drivers]
         for i, proxy in enumerate(self.proxies):
             cmd = [
                 sys.executable, "-m", "tests.chaos", "--worker",
+                "--driver", drivers[i % len(drivers)], "--tasks", str(self.args.tasks),
                 "--proxy-port", str(proxy.port), "--source-port", str(self.source.port),
                 "--channel", channel, "--duration", str(self.args.duration),
                 "--max-staleness", str(self.args.max_staleness), "--keys", str(self.args.keys),
@@ -322,6 +443,10 @@ class Conductor:
         limit = self.args.max_staleness
         hits = reads = 0
         for result in results:
+            driver = result["driver"]
+            report.drivers[driver] = report.drivers.get(driver, 0) + 1
+            report.stale_by_driver.setdefault(driver, 0)
+            report.longest_close = max(report.longest_close, result["close_seconds"])
             for start, key, version, hit in result["reads"]:
                 reads += 1
                 hits += hit
@@ -329,6 +454,7 @@ class Conductor:
                 pos = bisect.bisect_left(times, start - limit)  # writes flushed before start-S
                 if pos and best[pos - 1] > version:
                     report.stale_reads += 1
+                    report.stale_by_driver[driver] += 1
                     if len(report.stale_examples) < 10:
                         report.stale_examples.append(
                             {
@@ -337,6 +463,7 @@ class Conductor:
                                 "start": start,
                                 "newer": best[pos - 1],
                                 "hit": hit,
+                                "driver": driver,
                             }
                         )
             stats = result["stats"]
@@ -414,7 +541,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=200, help="distinct keys (200)")
     parser.add_argument("--write-ratio", type=float, default=0.05, help="share of writes (0.05)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--drivers",
+        choices=sorted(DRIVERS),
+        default="mix",
+        help="instances' driver: NearCache (sync), AsyncNearCache (async) or alternately (mix)",
+    )
+    parser.add_argument(
+        "--tasks", type=int, default=3, help="tasks sharing the load in an asyncio instance (3)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--driver", choices=("sync", "async"), help=argparse.SUPPRESS)
     parser.add_argument("--proxy-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--source-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--channel", help=argparse.SUPPRESS)
@@ -425,7 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        worker(args)
+        (async_worker if args.driver == "async" else worker)(args)
         return
     started = time.monotonic()
     conductor = Conductor(args)
