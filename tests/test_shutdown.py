@@ -354,3 +354,51 @@ def test_a_flush_waiting_when_the_cache_closes_ends_at_once(
         proxy.resume()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_close_against_a_stalled_redis_is_bounded(
+    redis_server: RedisServer, tcp_proxy: Callable[[int], TcpProxy], channel: str, driver: str
+) -> None:
+    """With Redis silent (a publish waiting for its reply, the listener reconnecting into a
+    stalled handshake), close(timeout) returns within its bound, with no thread or task
+    left, rather than after the 30 s socket timeout."""
+    proxy = tcp_proxy(redis_server.port)
+    conn = f"{proxy.host}:{proxy.port},syncTimeout=30000"
+    timeout = 0.2
+    ours = {t for t in threading.enumerate() if t.name.startswith("nearcache")}
+
+    def disconnected(cache: NearCache | AsyncNearCache) -> bool:
+        return cache.backplane_state is not None and cache.backplane_state.value != "connected"
+
+    if driver == "sync":
+        cache = NearCache(conn, channel=channel, heartbeat_interval=0.05)
+        cache.set("k", 1)
+        cache.flush()
+        proxy.stall()
+        wait_until(lambda: disconnected(cache), 5.0)  # the heartbeat found the stall
+        cache.set("k", 2)
+        started = time.monotonic()
+        cache.close(timeout=timeout)
+        took = time.monotonic() - started
+    else:
+
+        async def main() -> float:
+            cache = AsyncNearCache(conn, channel=channel, heartbeat_interval=0.05)
+            await cache.set("k", 1)
+            await cache.flush()
+            proxy.stall()
+            deadline = time.monotonic() + 5.0
+            while not disconnected(cache) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # a poll of the state that lets the loop run
+            assert disconnected(cache)
+            await cache.set("k", 2)
+            took = await within(cache.aclose(timeout), timeout + CLOSE_BOUND + SLACK, "aclose")
+            assert not other_tasks()
+            return took
+
+        took = asyncio.run(main())
+    assert took < timeout + CLOSE_BOUND + SLACK
+    assert {t for t in threading.enumerate() if t.name.startswith("nearcache")} == ours
+    proxy.resume()
+    wait_until(lambda: proxy.connections == 0, 5.0, message="proxy connections closed")

@@ -22,6 +22,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nearcache._cancellation import STOP_GRACE
 from nearcache._config import RedisSettings
 from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
 from nearcache._core.log import (
@@ -180,9 +182,18 @@ class RedisBackplane:
     def close(self) -> None:
         """Stop the listener thread and close the connections."""
         self._closing.set()
-        self._interrupt()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
+        thread = self._thread
+        deadline = time.monotonic() + 2 * STOP_GRACE
+        while True:
+            # Again and again: a connection being opened when the first interrupt came had
+            # no socket to shut down yet (the threaded twin of a lost cancel).
+            self._interrupt()
+            if thread is None or thread is threading.current_thread() or not thread.is_alive():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            thread.join(timeout=min(0.02, remaining))
         self._set_state(BackplaneState.CLOSED)
         with self._state_lock:
             self._state = BackplaneState.CLOSED
@@ -190,13 +201,23 @@ class RedisBackplane:
         self._subscriber_client.close()
 
     def _interrupt(self) -> None:
-        """Wake the listener out of a blocking read by shutting its socket down."""
+        """Wake the listener out of a blocking read by shutting its socket down.
+
+        The pubsub only holds its connection once connected; one still in its handshake is
+        found in the subscriber client's pool (redis-py's private attribute, with a default:
+        without it, the listener still stops, after its socket timeout).
+        """
         pubsub = self._pubsub
-        connection = getattr(pubsub, "connection", None)
-        sock = getattr(connection, "_sock", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        pool = self._subscriber_client.connection_pool
+        try:
+            in_use = list(getattr(pool, "_in_use_connections", ()))
+        except RuntimeError:  # the set changed while copied: close() interrupts again
+            in_use = []
+        for connection in [getattr(pubsub, "connection", None), *in_use]:
+            sock = getattr(connection, "_sock", None)
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     # -- the listener thread ------------------------------------------------------------------
 

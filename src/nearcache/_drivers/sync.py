@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from nearcache._cached import Cached
+from nearcache._cancellation import STOP_GRACE
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
@@ -264,10 +265,13 @@ class NearCache:
         with self._cond:
             self._state = CacheState.CLOSED
             self._cond.notify_all()
-        if self._sender is not None and self._sender is not threading.current_thread():
-            self._sender.join(timeout=5.0)
+        sender = self._sender if self._sender is not threading.current_thread() else None
+        if sender is not None:
+            sender.join(timeout=STOP_GRACE)  # it ends at once, unless a publish blocks it
         if self._backplane is not None:
-            self._backplane.close()
+            self._backplane.close()  # shuts its sockets down: a blocked publish fails now
+        if sender is not None:
+            sender.join(timeout=STOP_GRACE)
         with self._lock:
             self._core.store.clear()
             self._store = _ClosedStore()
@@ -507,8 +511,10 @@ class NearCache:
             with self._cond:
                 while outbox.waiting == 0 and self._state is CacheState.OPEN:
                     self._cond.wait()
-                if outbox.waiting == 0:
-                    return  # closed and nothing left
+                if outbox.waiting == 0 or self.state is CacheState.CLOSED:
+                    # Closed: close() waited for delivery as long as it was told to; a new
+                    # publish now could open a connection after the backplane closed.
+                    return
                 taken = core.take_ops()
             payloads = core.encode_batch(taken)  # outside the lock: writers keep going
             delay = _RETRY_MIN
