@@ -285,3 +285,24 @@ def test_evict_on_change_needs_a_nearcache_alias(products: Any) -> None:
             products.objects.create(name="x", price=1)
     finally:
         disconnect()
+
+
+def test_close_caches_closes_the_shared_cache_for_good() -> None:
+    """close_caches() delivers and closes; a backend still holding it refuses use, and a new
+    backend instance opens a new cache."""
+    from nearcache import CacheClosedError
+    from nearcache.django import close_caches
+
+    cache = caches["default"]
+    old = cache.nearcache
+    cache.set("k", 1)
+    close_caches()
+    assert old.state is CacheState.CLOSED
+    with pytest.raises(CacheClosedError):
+        cache.get("k")
+    del caches["default"]  # Django's own way to drop this thread's backend instance
+    fresh = caches["default"]
+    assert fresh.nearcache is not old
+    fresh.set("k", 2)
+    assert fresh.get("k") == 2
+    fresh.clear()

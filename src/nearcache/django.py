@@ -396,7 +396,9 @@ class NearCacheBackend(BaseCache):  # type: ignore[misc]  # Django is untyped
             value = default() if callable(default) else default
             return _Stored(value, self._expires(seconds))
 
-        return self._cache.get_or_set(made, load, ttl=seconds).value()
+        stored = self._cache.get_or_set(made, load, ttl=seconds)
+        # Something else under the key was put there through the NearCache directly.
+        return stored.value() if type(stored) is _Stored else stored
 
     def close(self, **kwargs: Any) -> None:
         """Nothing to do: Django calls this after every request, and the NearCache is shared
