@@ -139,6 +139,10 @@ class AsyncRedisBackplane:
                 f"publish to channel {self._channel!r} on {self._settings.describe()} failed: {exc}"
             ) from exc
 
+    def log_position(self) -> tuple[bytes, str] | None:
+        """The replay log position this subscriber has applied (``Cursor.position``)."""
+        return self._cursor.position()
+
     async def aclose(self) -> None:
         """Stop the listener task and close both connections, within ``2 * STOP_GRACE``
         seconds whatever they are doing.

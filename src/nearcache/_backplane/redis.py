@@ -179,6 +179,10 @@ class RedisBackplane:
                 f"publish to channel {self._channel!r} on {self._settings.describe()} failed: {exc}"
             ) from exc
 
+    def log_position(self) -> tuple[bytes, str] | None:
+        """The replay log position this subscriber has applied (``Cursor.position``)."""
+        return self._cursor.position()
+
     def close(self) -> None:
         """Stop the listener thread and close the connections."""
         self._closing.set()

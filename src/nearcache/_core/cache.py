@@ -14,7 +14,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 from nearcache._core.codec import Invalidation, Kind, decode, encode, split
+from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
+from nearcache._core.sharing import Sharing
 from nearcache._core.store import L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
 
@@ -257,6 +259,7 @@ class CacheCore:
         clock: Callable[[], float],
         instance_id: bytes,
         networked: bool,
+        sharing: Sharing | None = None,
     ) -> None:
         self.options = options
         self.clock = clock
@@ -284,6 +287,10 @@ class CacheCore:
         self.received: list[Invalidation] = []  # applied, not yet passed to the listeners
         # From a message's arrival to its invalidations applied (one clock: this process's).
         self.apply_latency = LatencyHistogram()
+        # Values shared through the L2 and update messages (None: plain invalidations only).
+        self.sharing = sharing
+        if sharing is not None and sharing.update:
+            self.outbox.track_in_flight = True  # a received value never replaces an own write
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -317,18 +324,27 @@ class CacheCore:
         region: str | None,
         ttl: float | None,
         sliding: float | None,
+        data: bytes | None = None,
+        since: tuple[bytes, str] | None = None,
     ) -> bool:
-        """Store a value written on this instance; return whether the sender must wake."""
+        """Store a value written on this instance; return whether the sender must wake.
+
+        ``data``: the value serialized, to share it (L2, update message); ``since``: the log
+        position this instance had applied (see :meth:`Sharing.operation`)."""
         self.store.set(key, value, region, ttl=ttl, sliding=sliding)
         if not self.networked:
             return False
         was_idle = self.outbox.waiting == 0
-        self.outbox.add(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        if data is not None and self.sharing is not None:
+            op = self.sharing.operation(key, region, data, ttl, sliding, since)  # type: ignore[arg-type]
+        else:
+            op = Invalidation(Kind.KEY, region, key)  # type: ignore[arg-type]
+        self.outbox.add(op)
         return was_idle
 
     def apply(self, op: Invalidation) -> None:
-        """Apply one invalidation to the store."""
-        if op.kind is Kind.KEY:
+        """Apply one invalidation to the store (a value it carries only evicts here)."""
+        if op.kind is Kind.KEY or op.kind is Kind.UPDATE:
             self.store.remove(op.key, op.region)
         elif op.kind is Kind.REGION:
             self.store.clear_region(op.region)
@@ -368,6 +384,21 @@ class CacheCore:
                 encode(self.instance_id, first + i, clear, signing_key=self._signing)
                 for i in range(max(1, len(chunks)))
             ]
+
+    def encode_plans(
+        self, taken: tuple[list[list[Invalidation]], int]
+    ) -> tuple[list[MessagePlan], tuple[bytes, str] | None]:
+        """:meth:`encode_batch` for a cache that shares values: the publish script's plans
+        and the log position to check conflicting writes from (no lock needed)."""
+        assert self.sharing is not None
+        chunks, first = taken
+        try:
+            return self.sharing.plans(chunks, first, self.instance_id)
+        except (ValueError, UnicodeError) as exc:
+            # As in encode_batch: a clear in its place, every reserved sequence number used.
+            self.last_error = f"could not encode a batch, sent a clear instead: {exc}"
+            clear = [Invalidation(Kind.CLEAR)]
+            return self.sharing.plans([clear] * max(1, len(chunks)), first, self.instance_id)
 
     def batch_sent(self, payloads: list[bytes]) -> None:
         """The batch in flight was acknowledged by Redis."""
@@ -410,6 +441,9 @@ class CacheCore:
             return True
         self.stats.messages_received += 1
         last = self._senders.get(message.sender)
+        # Values are taken only from the next message of a known sender: a replayed or
+        # reordered one could carry an older value (it still evicts).
+        trusted = last is not None and message.sequence == last + 1
         self._senders[message.sender] = max(message.sequence, last or 0)
         if last is not None and message.sequence > last + 1:
             # A message of this sender never reached us while the subscription stayed up:
@@ -417,10 +451,13 @@ class CacheCore:
             self.stats.sequence_gaps += 1
             self.store.repair()
         store = self.store
-        remove, key_kind = store.remove, Kind.KEY
+        remove, key_kind, sharing = store.remove, Kind.KEY, self.sharing
         for op in message.operations:
             if op.kind is key_kind:
                 remove(op.key, op.region)
+            elif op.kind is Kind.UPDATE and sharing is not None:
+                own = self.outbox.holds(op.region, op.key)
+                sharing.apply(store, op, trusted=trusted, own_pending=own)  # type: ignore[arg-type]
             else:
                 self.apply(op)
         store.count_invalidation(len(message.operations))
@@ -505,6 +542,26 @@ class CacheStats:
     last_error: str | None
     #: From a message's arrival here to its invalidations applied, per message.
     apply_latency: LatencySnapshot = field(default_factory=LatencySnapshot)
+    #: With ``l2=True`` / ``propagate="update"`` (0 otherwise): factory calls of get_or_set;
+    #: L2 hits and misses; fills stored and refused (a write or clear came between); misses
+    #: that waited for another process's load; L2 commands that failed; foreign, corrupt or
+    #: undecodable L2 values (misses); values too large to share, or the serializer refused
+    #: (kept in L1 only); values sent in messages, messages sent as invalidations because
+    #: another instance wrote a key meanwhile, values received and applied, and refused.
+    loads: int = 0
+    l2_hits: int = 0
+    l2_misses: int = 0
+    l2_fills: int = 0
+    l2_fills_refused: int = 0
+    l2_lease_waits: int = 0
+    l2_errors: int = 0
+    l2_corrupt: int = 0
+    l2_oversized: int = 0
+    l2_unserializable: int = 0
+    updates_sent: int = 0
+    updates_fell_back: int = 0
+    updates_received: int = 0
+    updates_rejected: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -543,4 +600,5 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         backplane=backplane_state,
         last_error=core.last_error,
         apply_latency=core.apply_latency.snapshot(),
+        **(core.sharing.stats.as_dict() if core.sharing is not None else {}),
     )

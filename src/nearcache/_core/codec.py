@@ -121,6 +121,9 @@ class Update(Invalidation):
     ttl: float | None
     sliding: float | None
     serializer: int
+    #: Not sent: the writer's log position (epoch, entry id) when the value was set, which
+    #: the publish script checks for other instances' writes (None: unknown).
+    since: tuple[bytes, str] | None
 
     def __new__(
         cls,
@@ -136,6 +139,7 @@ class Update(Invalidation):
         self.ttl = ttl
         self.sliding = sliding
         self.serializer = serializer
+        self.since = None
         return self
 
     def __repr__(self) -> str:

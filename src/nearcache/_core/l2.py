@@ -55,7 +55,7 @@ from nearcache._core.codec import (
     _encode_region,
     _verify,
 )
-from nearcache._core.log import log_keys
+from nearcache._core.log import EntryId, log_keys, parse_id
 from nearcache._core.serializer import SafeSerializer
 from nearcache._exceptions import ConfigurationError, MessageError
 from nearcache._typing import Serializer
@@ -76,6 +76,7 @@ __all__ = [
     "generation_keys",
     "key_encoding",
     "new_token",
+    "oldest",
     "parse_read",
     "publish_call",
     "read_call",
@@ -228,6 +229,23 @@ def value_keys(channel: str, region: Region, key: Key) -> tuple[str, str]:
     namespace = channel.replace("{", "").replace("}", "")
     value = f"{namespace}:l2:{{{digest}}}"
     return value, f"{value}:lease"
+
+
+def oldest(positions: Sequence[tuple[bytes, str] | None]) -> tuple[bytes, str] | None:
+    """The earliest of log positions (epoch, entry id); None if one is unknown, they span
+    epochs, or there are none."""
+    best: tuple[bytes, str] | None = None
+    best_id: EntryId | None = None
+    for position in positions:
+        if position is None or (best is not None and position[0] != best[0]):
+            return None
+        try:
+            entry = parse_id(position[1])
+        except MessageError:
+            return None
+        if best_id is None or entry < best_id:
+            best, best_id = position, entry
+    return best
 
 
 def new_token() -> str:

@@ -226,6 +226,15 @@ class Cursor:
         self.last = entries[-1][0]
         return replay
 
+    def position(self) -> tuple[bytes, str] | None:
+        """The epoch and the last entry applied here (what a value set now is checked from by
+        the publish script), or None before the first one. Read from any thread: the epoch
+        and the entry are read once each, and a mixed pair is only ever older or unknown."""
+        epoch, last = self.epoch, self.last
+        if epoch is None or last is None:
+            return None
+        return epoch, str(last)
+
     def reset(self, epoch: bytes, last: EntryId | None, server: str | None = None) -> None:
         """Start over at the log's current end (after L1 was dropped)."""
         self._replayed.clear()

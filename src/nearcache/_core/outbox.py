@@ -10,6 +10,10 @@ write happened).
 - A clear supersedes everything waiting.
 - Past ``max_pending`` waiting invalidations the outbox degrades to one clear: receivers
   will drop everything, but no invalidation is lost.
+- A key invalidation may carry the key's new value (an ``Update``, with ``l2=True`` or
+  ``propagate="update"``). A repeated key keeps its first position but the latest operation
+  (a later ``remove`` turns a waiting value back into a plain invalidation). Waiting values
+  are bounded by ``max_value_bytes``: past it a value travels as a plain invalidation.
 
 ``flush`` waits on :attr:`Outbox.delivered`: every invalidation accepted with a sequence
 number up to it has been acknowledged.
@@ -20,16 +24,28 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
-from nearcache._core.codec import Invalidation, Kind
+from nearcache._core.codec import Invalidation, Kind, Update
 
 __all__ = ["Outbox"]
+
+_Ident = tuple[str | None, Hashable]
 
 
 class Outbox:
     """Ordered, coalescing, bounded queue of outgoing invalidations."""
 
-    def __init__(self, max_pending: int = 100_000) -> None:
+    def __init__(self, max_pending: int = 100_000, max_value_bytes: int = 64 << 20) -> None:
         self._max_pending = max_pending
+        self._max_value_bytes = max_value_bytes
+        # Only with values (empty otherwise, keeping the plain paths as they were): the latest
+        # operation of a waiting key coalesced into its first one, the value each waiting key
+        # carries, the size of those values, and the keys of the batch in flight.
+        self._latest: dict[_Ident, Invalidation] = {}
+        self._values: dict[_Ident, Update] = {}
+        self.value_bytes = 0
+        self.values_dropped = 0  # values sent as plain invalidations: past the byte bound
+        self.track_in_flight = False
+        self._in_flight_keys: set[_Ident] = set()
         self._queue: deque[tuple[int, Invalidation]] = deque()  # (first sequence, op)
         self._in_flight = 0  # length of the queue's prefix taken by the sender
         self._waiting_keys: set[tuple[str | None, Hashable]] = set()
@@ -65,7 +81,7 @@ class Outbox:
     def add_keys(self, ops: list[Invalidation]) -> None:
         """Accept several key invalidations (what :meth:`add` does for each, in one loop)."""
         waiting_keys, queue = self._waiting_keys, self._queue
-        if len(queue) - self._in_flight + len(ops) > self._max_pending:
+        if len(queue) - self._in_flight + len(ops) > self._max_pending or self._values:
             for op in ops:
                 self.add(op)  # near the bound: one at a time, degrading to a clear past it
             return
@@ -84,14 +100,21 @@ class Outbox:
         """Accept one invalidation; return its sequence number."""
         self._accepted += 1
         seq = self._accepted
-        if op.kind is Kind.KEY:
+        if op.kind is Kind.KEY or op.kind is Kind.UPDATE:
             ident = (op.region, op.key)
+            if op.kind is Kind.UPDATE:
+                op = self._admit(ident, op)  # type: ignore[arg-type]
             if ident in self._waiting_keys:
                 self.coalesced += 1
+                if op.kind is Kind.UPDATE or ident in self._values or ident in self._latest:
+                    self._latest[ident] = op  # sent at the first position, as the latest
+                    self._carry(ident, op)
                 return seq
             if self.waiting < self._max_pending:
                 self._waiting_keys.add(ident)
                 self._queue.append((seq, op))
+                if op.kind is Kind.UPDATE:
+                    self._carry(ident, op)
                 return seq
             self.degraded += 1
             op = Invalidation(Kind.CLEAR)
@@ -106,8 +129,35 @@ class Outbox:
             while len(self._queue) > self._in_flight:
                 self._queue.pop()
             self._waiting_keys.clear()
+            self._latest.clear()
+            self._values.clear()
+            self.value_bytes = 0
         self._queue.append((seq, op))
         return self._accepted
+
+    def _admit(self, ident: _Ident, op: Update) -> Invalidation:
+        """The value, or its plain invalidation if the waiting values would exceed the bound."""
+        replaced = self._values.get(ident)
+        size = self.value_bytes + len(op.data) - (len(replaced.data) if replaced else 0)
+        if size > self._max_value_bytes:
+            self.values_dropped += 1
+            return op.invalidation()
+        return op
+
+    def _carry(self, ident: _Ident, op: Invalidation) -> None:
+        """Record which value (if any) a waiting key now carries."""
+        old = self._values.pop(ident, None)
+        if old is not None:
+            self.value_bytes -= len(old.data)
+        if isinstance(op, Update):
+            self._values[ident] = op
+            self.value_bytes += len(op.data)
+
+    def holds(self, region: str | None, key: Hashable) -> bool:
+        """Whether a write of this key made here waits or is in flight (the latter known only
+        with ``track_in_flight``)."""
+        ident = (region, key)
+        return ident in self._waiting_keys or ident in self._in_flight_keys
 
     def take(self, max_ops: int) -> list[Invalidation]:
         """Mark up to ``max_ops`` waiting invalidations as in flight and return them in order.
@@ -126,8 +176,27 @@ class Outbox:
             for op in batch:
                 if op.kind is key_kind:
                     discard((op.region, op.key))
+        if self._latest or self._values:
+            self._take_latest(batch)
+        if self.track_in_flight:
+            self._in_flight_keys = {
+                (op.region, op.key) for op in batch if op.kind is Kind.KEY or op.kind is Kind.UPDATE
+            }
         self._in_flight = count
         return batch
+
+    def _take_latest(self, batch: list[Invalidation]) -> None:
+        """Put each taken key's latest operation in its place; its value is no longer waiting."""
+        latest, values = self._latest, self._values
+        for i, op in enumerate(batch):
+            if op.kind is Kind.KEY or op.kind is Kind.UPDATE:
+                ident = (op.region, op.key)
+                newer = latest.pop(ident, None)
+                if newer is not None:
+                    batch[i] = newer
+                value = values.pop(ident, None)
+                if value is not None:
+                    self.value_bytes -= len(value.data)
 
     @property
     def superseded(self) -> bool:
@@ -145,6 +214,7 @@ class Outbox:
         for _ in range(self._in_flight):
             self._queue.popleft()
         self._in_flight = 0
+        self._in_flight_keys = set()
         _, clear = self._queue.popleft()
         self._queue.appendleft((first, clear))
 
@@ -153,3 +223,5 @@ class Outbox:
         for _ in range(self._in_flight):
             self._queue.popleft()
         self._in_flight = 0
+        if self._in_flight_keys:
+            self._in_flight_keys = set()

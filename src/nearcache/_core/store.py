@@ -315,12 +315,18 @@ class L1Store:
         *,
         ttl: float | None = None,
         sliding: float | None = None,
+        stored: float | None = None,
     ) -> None:
-        """Store ``value``; a load of the same key that is in flight will not overwrite it."""
+        """Store ``value``; a load of the same key that is in flight will not overwrite it.
+
+        ``stored``: when the value was known current (default: now). A value received from
+        another instance passes ``-inf``: it is then served only as long as confirmations
+        keep arriving, i.e. as of the confirmation that preceded it (see docs/guarantees.md).
+        """
         reservation = self._reservations.pop((region, key), None)
         if reservation is not None:
             reservation.cancelled = True
-        self._insert(key, value, region, None, ttl, sliding)
+        self._insert(key, value, region, stored, ttl, sliding)
 
     def _insert(
         self,

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nearcache._cached import AsyncCached
 from nearcache._cancellation import STOP_GRACE, stop_task, wait_event
@@ -31,14 +31,21 @@ from nearcache._core.cache import (
     snapshot,
 )
 from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.l2 import L2Options
+from nearcache._core.serializer import SafeSerializer
+from nearcache._core.sharing import new_sharing, sharing_options
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.sync import CacheState, _ClosedStore, normalize_secrets
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
+    SerializationError,
 )
-from nearcache._typing import AsyncBackplane, BackplaneState, Clock
+from nearcache._typing import AsyncBackplane, BackplaneState, Clock, Serializer
+
+if TYPE_CHECKING:
+    from nearcache._l2.aioredis import AsyncRedisL2
 
 __all__ = ["AsyncNearCache"]
 
@@ -88,6 +95,15 @@ class AsyncNearCache:
         replay_log: int = 10_000,
         reconcile_interval: float = 5.0,
         clock: Clock = time.monotonic,
+        l2: bool = False,
+        propagate: Literal["invalidate", "update"] = "invalidate",
+        serializer: Serializer | None = None,
+        l2_ttl: float | None = None,
+        l2_max_bytes: int = L2Options.l2_max_bytes,
+        l2_lease_ttl: float = L2Options.l2_lease_ttl,
+        l2_lease_wait: float = L2Options.l2_lease_wait,
+        l2_timeout: float = L2Options.l2_timeout,
+        update_max_bytes: int = L2Options.update_max_bytes,
     ) -> None:
         self._options = CacheOptions(
             max_entries=max_entries,
@@ -105,6 +121,31 @@ class AsyncNearCache:
         self._settings: RedisSettings | None = None
         if connection is not None and backplane is not None:
             raise ValueError("pass either a connection string or a backplane, not both")
+        sharing_opts = sharing_options(
+            L2Options(
+                l2,
+                propagate,
+                serializer or SafeSerializer(),
+                l2_ttl,
+                l2_max_bytes,
+                l2_lease_ttl,
+                l2_lease_wait,
+                l2_timeout,
+                update_max_bytes,
+            ),
+            secrets=self._options.secrets,
+            replay_log=replay_log,
+            connection=connection is not None,
+            custom=backplane is not None,
+        )
+        sharing = new_sharing(
+            sharing_opts,
+            max_age=self._options.max_age,
+            default_ttl=self._options.ttl,
+            secrets=self._options.secrets,
+            clock=clock,
+        )
+        self._l2: AsyncRedisL2 | None = None
         if connection is not None:
             self._settings = parse_connection_string(connection)
             channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
@@ -119,6 +160,17 @@ class AsyncNearCache:
                 log_length=self._options.replay_log,
                 reconcile=self._options.reconcile_interval,
             )
+            if sharing is not None:
+                from nearcache._l2.aioredis import AsyncRedisL2
+
+                self._l2 = AsyncRedisL2(
+                    self._settings,
+                    channel,
+                    sharing,
+                    clock=clock,
+                    log_length=self._options.replay_log,
+                    usable=self._l2_usable,
+                )
         elif backplane is not None:
             channel = backplane.channel
         self._channel = channel
@@ -129,7 +181,11 @@ class AsyncNearCache:
         )
         self._backplane = backplane
         self._core = CacheCore(
-            self._options, clock=clock, instance_id=os.urandom(16), networked=backplane is not None
+            self._options,
+            clock=clock,
+            instance_id=os.urandom(16),
+            networked=backplane is not None,
+            sharing=sharing,
         )
         self._store: Any = self._core.store
         # The hit path: an awaitable that completes at once, from the store's reader.
@@ -215,6 +271,8 @@ class AsyncNearCache:
             stopped = sender is None or await stop_task(sender)
             if self._backplane is not None and self._started:
                 await self._backplane.aclose()  # within 2 x STOP_GRACE
+            if self._l2 is not None:
+                await self._l2.aclose()
             if not stopped:
                 # Its publish ignored every cancel, but the backplane has now cut the
                 # connection under it: the publish fails and the loop sees CLOSED.
@@ -229,6 +287,8 @@ class AsyncNearCache:
                 sender.cancel()
             if self._backplane is not None and self._started:
                 await self._backplane.aclose()
+            if self._l2 is not None:
+                await self._l2.aclose()
             raise
 
     def _stop_serving(self) -> None:
@@ -306,9 +366,12 @@ class AsyncNearCache:
         flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
         self._flights[ident] = flight
         try:
-            result = factory()
-            if inspect.isawaitable(result):
-                result = await result
+            if self._l2 is not None:
+                result, ttl = await self._l2_load(key, region, factory, ttl)
+            else:
+                result = factory()
+                if inspect.isawaitable(result):
+                    result = await result
         except BaseException as exc:
             store.release(flight.reservation)
             if self._flights.get(ident) is flight:
@@ -324,7 +387,7 @@ class AsyncNearCache:
         if self._flights.get(ident) is flight:
             del self._flights[ident]
         flight.future.set_result(result)
-        return result
+        return result  # type: ignore[no-any-return]
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -337,12 +400,22 @@ class AsyncNearCache:
         ttl: float | None = None,
         sliding: float | None = None,
     ) -> None:
-        """Cache ``value`` here and make every other instance drop its copy of ``key``."""
+        """Cache ``value`` here and make every other instance drop its copy of ``key``. See
+        :meth:`NearCache.set` for ``l2=True`` and ``propagate="update"``."""
         check_key(key, region)
         self._check_open()
         if not self._started:
             await self.start()
-        if self._core.set(key, value, region, ttl, sliding):
+        sharing = self._core.sharing
+        data = None
+        if sharing is not None:
+            try:
+                data = sharing.serialize(value, key, region)
+            except SerializationError:
+                await self.remove(key, region=region)  # never left stale anywhere
+                raise
+        since = self._log_position() if data is not None else None
+        if self._core.set(key, value, region, ttl, sliding, data, since):
             self._kick()
 
     async def remove(self, key: Hashable, *, region: str | None = None) -> None:
@@ -467,11 +540,18 @@ class AsyncNearCache:
                 wake.clear()
                 await wake.wait()
             self._check_sending()
-            payloads = core.take_batch()
+            if self._l2 is not None:
+                plans, since = core.encode_plans(core.take_ops())
+                payloads = [plan.message for plan in plans]
+            else:
+                payloads = core.take_batch()
             delay = _RETRY_MIN
             while True:
                 try:
-                    await backplane.publish(payloads)
+                    if self._l2 is not None:
+                        await self._l2.publish(plans, since, core.instance_id)
+                    else:
+                        await backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
                     self._check_sending()  # the failure is aclose cutting the connection
@@ -516,6 +596,37 @@ class AsyncNearCache:
         :meth:`NearCache.cached <nearcache.NearCache.cached>` (``invalidate`` and
         ``invalidate_all`` are coroutines here)."""
         return AsyncCached(self, region=region, ttl=ttl, sliding=sliding, key=key)
+
+    # -- values shared through the L2 and update messages (l2=True, propagate="update") ----
+
+    def _l2_usable(self) -> bool:
+        """L2 is tried only while the backplane is up: a down Redis costs no timeout."""
+        backplane = self._backplane
+        return backplane is not None and backplane.state is BackplaneState.CONNECTED
+
+    async def _l2_load(
+        self,
+        key: Hashable,
+        region: str | None,
+        factory: Callable[[], Awaitable[T] | T],
+        ttl: float | None,
+    ) -> tuple[Any, float | None]:
+        """The read path after a miss (see :meth:`NearCache._l2_load`)."""
+        assert self._l2 is not None
+        loaded = await self._l2.load(
+            key,  # type: ignore[arg-type]
+            region,
+            factory,
+            ttl,
+            lambda: self._state is CacheState.OPEN,
+        )
+        if loaded.ttl_left is not None:
+            ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)
+        return loaded.value, ttl
+
+    def _log_position(self) -> tuple[bytes, str] | None:
+        position = getattr(self._backplane, "log_position", None)
+        return position() if position is not None else None
 
 
 class _Listener:

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nearcache._cached import Cached
 from nearcache._cancellation import STOP_GRACE
@@ -25,14 +25,21 @@ from nearcache._core.cache import (
     snapshot,
 )
 from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.l2 import L2Options
 from nearcache._core.outbox import Outbox
+from nearcache._core.serializer import SafeSerializer
+from nearcache._core.sharing import new_sharing, sharing_options
 from nearcache._core.store import MISSING, Reservation
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
+    SerializationError,
 )
-from nearcache._typing import Backplane, BackplaneState, Clock
+from nearcache._typing import Backplane, BackplaneState, Clock, Serializer
+
+if TYPE_CHECKING:
+    from nearcache._l2.redis import RedisL2
 
 __all__ = ["CacheState", "NearCache", "normalize_secrets"]
 
@@ -142,6 +149,15 @@ class NearCache:
         replay_log: int = 10_000,
         reconcile_interval: float = 5.0,
         clock: Clock = time.monotonic,
+        l2: bool = False,
+        propagate: Literal["invalidate", "update"] = "invalidate",
+        serializer: Serializer | None = None,
+        l2_ttl: float | None = None,
+        l2_max_bytes: int = L2Options.l2_max_bytes,
+        l2_lease_ttl: float = L2Options.l2_lease_ttl,
+        l2_lease_wait: float = L2Options.l2_lease_wait,
+        l2_timeout: float = L2Options.l2_timeout,
+        update_max_bytes: int = L2Options.update_max_bytes,
     ) -> None:
         self._options = CacheOptions(
             max_entries=max_entries,
@@ -165,6 +181,23 @@ class NearCache:
         elif backplane is not None:
             channel = backplane.channel
         self._channel = channel
+        self._sharing_options = sharing_options(
+            L2Options(
+                l2,
+                propagate,
+                serializer or SafeSerializer(),
+                l2_ttl,
+                l2_max_bytes,
+                l2_lease_ttl,
+                l2_lease_wait,
+                l2_timeout,
+                update_max_bytes,
+            ),
+            secrets=self._options.secrets,
+            replay_log=replay_log,
+            connection=connection is not None,
+            custom=backplane is not None,
+        )
         self._abort_connect = (
             abort_connect
             if abort_connect is not None
@@ -184,8 +217,20 @@ class NearCache:
         networked = self._settings is not None or self._backplane is not None
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        options = self._options
+        sharing = new_sharing(
+            self._sharing_options,
+            max_age=options.max_age,
+            default_ttl=options.ttl,
+            secrets=options.secrets,
+            clock=self._clock,
+        )
         self._core = CacheCore(
-            self._options, clock=self._clock, instance_id=os.urandom(16), networked=networked
+            options,
+            clock=self._clock,
+            instance_id=os.urandom(16),
+            networked=networked,
+            sharing=sharing,
         )
         self._store: Any = self._core.store
         # The hit path: the store's reader itself (C when built), no Python frame between.
@@ -203,6 +248,18 @@ class NearCache:
                 heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
                 log_length=self._options.replay_log,
                 reconcile=self._options.reconcile_interval,
+            )
+        self._l2: RedisL2 | None = None
+        if self._settings is not None and sharing is not None:
+            from nearcache._l2.redis import RedisL2
+
+            self._l2 = RedisL2(
+                self._settings,
+                self._channel,
+                sharing,
+                clock=self._clock,
+                log_length=options.replay_log,
+                usable=self._l2_usable,
             )
 
     def _start_backplane(self, *, in_child: bool = False) -> None:
@@ -270,6 +327,8 @@ class NearCache:
             sender.join(timeout=STOP_GRACE)  # it ends at once, unless a publish blocks it
         if self._backplane is not None:
             self._backplane.close()  # shuts its sockets down: a blocked publish fails now
+        if self._l2 is not None:
+            self._l2.close()  # the same for a publish through the L2's script
         if sender is not None:
             sender.join(timeout=STOP_GRACE)
         with self._lock:
@@ -353,7 +412,10 @@ class NearCache:
                 raise flight.error
             return flight.value  # type: ignore[return-value]
         try:
-            value = factory()
+            if self._l2 is not None:
+                value, ttl = self._l2_load(key, region, factory, ttl)
+            else:
+                value = factory()
         except BaseException as exc:
             with self._lock:
                 self._core.store.release(flight.reservation)
@@ -371,7 +433,7 @@ class NearCache:
         flight.value = value
         if flight.done is not None:
             flight.done.set()
-        return value
+        return value  # type: ignore[no-any-return]
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -384,11 +446,19 @@ class NearCache:
         ttl: float | None = None,
         sliding: float | None = None,
     ) -> None:
-        """Cache ``value`` here and make every other instance drop its copy of ``key``."""
+        """Cache ``value`` here and make every other instance drop its copy of ``key``.
+
+        With ``l2=True`` the value is written to L2 too, and with ``propagate="update"`` sent
+        to the other instances, in the same atomic step as the invalidation. A value the
+        serializer refuses is not cached: the key is dropped everywhere (as by
+        :meth:`remove`), then :class:`~nearcache.SerializationError` is raised.
+        """
         check_key(key, region)
+        data = self._serialize(key, value, region)
         with self._lock:
             self._check_open()
-            if self._core.set(key, value, region, ttl, sliding):
+            since = self._log_position() if data is not None else None
+            if self._core.set(key, value, region, ttl, sliding, data, since):
                 self._cond.notify_all()
 
     def remove(self, key: Hashable, *, region: str | None = None) -> None:
@@ -516,11 +586,19 @@ class NearCache:
                     # publish now could open a connection after the backplane closed.
                     return
                 taken = core.take_ops()
-            payloads = core.encode_batch(taken)  # outside the lock: writers keep going
+            # Encoded outside the lock: writers keep going.
+            if self._l2 is not None:
+                plans, since = core.encode_plans(taken)
+                payloads = [plan.message for plan in plans]
+            else:
+                payloads = core.encode_batch(taken)
             delay = _RETRY_MIN
             while True:
                 try:
-                    backplane.publish(payloads)
+                    if self._l2 is not None:
+                        self._l2.publish(plans, since, core.instance_id)
+                    else:
+                        backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
                     with self._cond:
@@ -573,6 +651,46 @@ class NearCache:
             product.invalidate(42)
         """
         return Cached(self, region=region, ttl=ttl, sliding=sliding, key=key)
+
+    # -- values shared through the L2 and update messages (l2=True, propagate="update") ----
+
+    def _l2_usable(self) -> bool:
+        """L2 is tried only while the backplane is up: a down Redis costs no timeout."""
+        backplane = self._backplane
+        return backplane is not None and backplane.state is BackplaneState.CONNECTED
+
+    def _l2_load(
+        self, key: Hashable, region: str | None, factory: Callable[[], T], ttl: float | None
+    ) -> tuple[T, float | None]:
+        """The read path after a miss: L2, lease, factory, fill. A value from L2 lives in L1
+        no longer than it had left in L2."""
+        assert self._l2 is not None
+        loaded = self._l2.load(
+            key,  # type: ignore[arg-type]
+            region,
+            factory,
+            ttl,
+            lambda: self._state is CacheState.OPEN,
+        )
+        if loaded.ttl_left is not None:
+            ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)
+        return loaded.value, ttl  # type: ignore[return-value]
+
+    def _serialize(self, key: Hashable, value: object, region: str | None) -> bytes | None:
+        """The value's bytes for sharing, or None without sharing. A value the serializer
+        refuses is dropped everywhere before the error is raised: never left stale."""
+        sharing = self._core.sharing
+        if sharing is None:
+            return None
+        try:
+            return sharing.serialize(value, key, region)
+        except SerializationError:
+            self.remove(key, region=region)
+            raise
+
+    def _log_position(self) -> tuple[bytes, str] | None:
+        position = getattr(self._backplane, "log_position", None)
+        return position() if position is not None else None
 
 
 class _Listener:
