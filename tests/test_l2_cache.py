@@ -1,0 +1,308 @@
+"""The shared L2 and value-carrying updates through the public API, both drivers, on a real
+Redis (several instances in this process; the multi-process cases are in
+``tests/test_l2_processes.py``)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from nearcache import (
+    MISSING,
+    ConfigurationError,
+    MemoryBackplane,
+    MemoryBroker,
+    NearCache,
+    PickleSerializer,
+    SerializationError,
+)
+from nearcache._core import l2
+from nearcache._core.codec import channel_name
+from tests.servers import RedisServer, TcpProxy, wait_until
+from tests.test_conformance import Driver, Gate
+
+LOADED: list[str] = []  # set if a planted pickle is ever loaded
+
+
+class Planted:
+    """Records that it was unpickled: the test fails if that ever happens."""
+
+    def __reduce__(self) -> Any:
+        return (LOADED.append, ("code ran",))
+
+
+@pytest.fixture(params=["sync", "async"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    d = Driver(request.param)
+    yield d
+    d.stop()
+
+
+class Fleet:
+    """Caches of one channel, closed at the end."""
+
+    def __init__(self, driver: Driver, server: RedisServer, channel: str) -> None:
+        self.driver = driver
+        self.server = server
+        self.channel = channel
+        self.wire = channel_name(channel)
+        self.caches: list[Any] = []
+        self.admin = redis.Redis(port=server.port)
+
+    def make(self, url: str | None = None, **kwargs: Any) -> Any:
+        kwargs = {"l2": True, "propagate": "update", **kwargs}
+        cache = self.driver.make(connection=url or self.server.url, channel=self.channel, **kwargs)
+        self.caches.append(cache)
+        wait_until(lambda: cache.backplane_state.value == "connected")
+        return cache
+
+    def run(self, value: Any) -> Any:
+        return self.driver.run(value)
+
+    def prime(self, *caches: Any) -> None:
+        """Put an entry in the log and wait until each cache applied it: a write then has a
+        log position to be checked from (a brand-new channel has none)."""
+        first = caches[0]
+        self.run(first.remove("__prime__"))
+        self.run(first.flush())
+        for cache in caches:
+            wait_until(lambda c=cache: c._backplane.log_position() is not None)
+
+    def in_l2(self, key: Any, region: str | None = None) -> bytes | None:
+        return self.admin.get(l2.value_keys(self.wire, region, key)[0])  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for cache in self.caches:
+            self.driver.close(cache)
+        self.admin.close()
+
+
+@pytest.fixture
+def fleet(driver: Driver, redis_server: RedisServer, channel: str) -> Iterator[Fleet]:
+    f = Fleet(driver, redis_server, channel)
+    yield f
+    f.close()
+
+
+def factory(value: Any, calls: list[Any]) -> Any:
+    def load() -> Any:
+        calls.append(value)
+        return value
+
+    return load
+
+
+def test_a_miss_is_loaded_once_and_then_served_from_l2(fleet: Fleet) -> None:
+    """A's load fills L2; B's miss finds it there: one factory call for the fleet."""
+    a, b = fleet.make(), fleet.make()
+    calls: list[Any] = []
+    assert fleet.run(a.get_or_set("k", factory({"v": 1}, calls), region="r")) == {"v": 1}
+    assert fleet.run(b.get_or_set("k", factory("other", calls), region="r")) == {"v": 1}
+    assert calls == [{"v": 1}]
+    assert (a.stats().l2_fills, b.stats().l2_hits, b.stats().loads) == (1, 1, 0)
+    assert b.get("k", None, "r") is not None  # now in B's L1 too
+
+
+def test_set_writes_l2_and_updates_other_copies(fleet: Fleet) -> None:
+    """A's set reaches L2 and replaces B's copy (no reload); a third instance reads it from L2."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    calls: list[Any] = []
+    fleet.run(b.get_or_set("k", factory("old", calls)))
+    fleet.run(a.set("k", "new"))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k")) == "new")
+    assert b.stats().updates_received == 1 and a.stats().updates_fell_back == 0
+    c = fleet.make()
+    assert fleet.run(c.get_or_set("k", factory("db", calls))) == "new"
+    assert calls == ["old"]
+
+
+def test_remove_and_clears_reach_l2(fleet: Fleet) -> None:
+    """remove deletes the value; clear_region and clear make values unreachable (misses)."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    for key, region in (("x", "r"), ("y", "r"), ("z", "s")):
+        fleet.run(a.set(key, key.upper(), region=region))
+    fleet.run(a.flush())
+    assert fleet.in_l2("x", "r") is not None
+    fleet.run(a.remove("x", region="r"))
+    fleet.run(a.flush())
+    assert fleet.in_l2("x", "r") is None
+    calls: list[Any] = []
+    fleet.run(a.clear_region("r"))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("y", MISSING, "r")) is MISSING)  # B had A's update
+    assert fleet.run(b.get_or_set("y", factory("db-y", calls), region="r")) == "db-y"
+    assert fleet.run(b.get_or_set("z", factory("db-z", calls), region="s")) == "Z"
+    fleet.run(a.clear())
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("z", MISSING, "s")) is MISSING)
+    assert fleet.run(b.get_or_set("z", factory("db-z", calls), region="s")) == "db-z"
+    assert calls == ["db-y", "db-z"]
+
+
+def test_invalidate_mode_writes_l2_but_sends_no_values(fleet: Fleet) -> None:
+    """l2=True alone: set fills L2 and others drop their copy, then refill from L2."""
+    a, b = fleet.make(propagate="invalidate"), fleet.make(propagate="invalidate")
+    fleet.prime(a, b)
+    calls: list[Any] = []
+    fleet.run(b.get_or_set("k", factory("old", calls)))
+    fleet.run(a.set("k", "new"))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k", MISSING)) is MISSING)
+    assert fleet.run(b.get_or_set("k", factory("db", calls))) == "new"
+    assert calls == ["old"] and b.stats().updates_received == 0
+
+
+def test_a_load_overlapping_a_write_reaches_neither_l1_nor_l2(fleet: Fleet) -> None:
+    """B's load holds the lease while A writes the key: B returns its value, but it is
+    cached nowhere (the write deleted the lease; the invalidation cancelled the reservation)."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    gate = Gate(fleet.driver, value="stale")
+    pending = fleet.driver.spawn(lambda: b.get_or_set("k", gate.factory))
+    assert gate.started.wait(10)
+    fleet.run(a.remove("k"))
+    fleet.run(a.flush())
+    wait_until(lambda: b.stats().invalidations_received >= 2)
+    gate.release()
+    assert pending.result(10) == "stale"
+    assert fleet.run(b.get("k", MISSING)) is MISSING
+    assert fleet.in_l2("k") is None
+    assert b.stats().l2_fills_refused == 1
+
+
+def test_a_writer_overtaken_by_another_write_sends_an_invalidation(
+    fleet: Fleet, tcp_proxy: Any
+) -> None:
+    """A's older value is published after B's newer one (A's link is slow): the publish
+    script sees B's write since A's set and sends A's invalidation instead, so no instance
+    and not L2 ends with the older value."""
+    proxy: TcpProxy = tcp_proxy(fleet.server.port)
+    a = fleet.make(f"redis://127.0.0.1:{proxy.port}/0")
+    b, c = fleet.make(), fleet.make()
+    fleet.prime(a, b, c)
+    fleet.run(c.get_or_set("k", lambda: "v0"))
+    proxy.delay(0.3)
+    fleet.run(a.set("k", "older"))
+    fleet.run(b.set("k", "newer"))
+    fleet.run(b.flush())
+    fleet.run(a.flush())
+    proxy.delay(0)
+    wait_until(lambda: a.stats().updates_fell_back == 1, message="A's write fell back")
+    for cache in (a, b, c):  # A's invalidation came last: every copy is dropped
+        wait_until(lambda cache=cache: fleet.run(cache.get("k", MISSING)) is MISSING)
+    assert fleet.in_l2("k") is None
+    assert fleet.run(c.get_or_set("k", lambda: "db")) == "db"
+
+
+def test_unserializable_set_drops_the_key_everywhere(fleet: Fleet) -> None:
+    """set of a value the serializer refuses raises, after removing the key everywhere."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    fleet.run(b.get_or_set("k", lambda: "old"))
+    with pytest.raises(SerializationError, match="'k'"):
+        fleet.run(a.set("k", object()))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k", MISSING)) is MISSING)
+    assert fleet.run(a.get("k", MISSING)) is MISSING
+
+
+def test_oversized_values_stay_in_l1(fleet: Fleet) -> None:
+    """Values above the caps are cached locally only (counted); others drop their copy."""
+    a, b = fleet.make(l2_max_bytes=64, update_max_bytes=64), fleet.make()
+    fleet.prime(a, b)
+    fleet.run(b.get_or_set("k", lambda: "old"))
+    fleet.run(a.set("k", "x" * 100))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k", MISSING)) is MISSING)
+    assert fleet.run(a.get("k")) == "x" * 100
+    assert fleet.in_l2("k") is None and a.stats().l2_oversized == 1
+    assert fleet.run(a.get_or_set("big", lambda: "y" * 100)) == "y" * 100
+    assert fleet.in_l2("big") is None and a.stats().l2_oversized == 2
+
+
+@pytest.mark.parametrize("plant", ["garbage", "other key", "unsigned", "pickle"])
+def test_foreign_or_corrupt_l2_values_are_counted_misses(fleet: Fleet, plant: str) -> None:
+    """Whatever sits in L2 that this cache did not sign for this key is a miss: the factory
+    runs, the value is never returned, and a planted pickle is never loaded."""
+    secret = {"secret": "s3cret"} if plant in ("unsigned", "pickle") else {}
+    serializer = {"serializer": PickleSerializer()} if plant == "pickle" else {}
+    a = fleet.make(**secret, **serializer)
+    region, key = None, "k"
+    head = fleet.run(a.get_or_set("probe", lambda: 1))  # creates the generation tokens
+    assert head == 1
+    tags = fleet.admin.get(l2.value_keys(fleet.wire, None, "probe")[0])
+    assert tags is not None
+    tags = tags[: 2 + tags[0] + tags[1 + tags[0]]]
+    payload = {
+        "garbage": b"\x00\x01\x02",
+        "other key": l2.encode_payload(1, region, "k2", b"\x01s\x00\x00\x00\x01x"),
+        "unsigned": l2.encode_payload(1, region, key, b"\x01s\x00\x00\x00\x01x"),
+        "pickle": l2.encode_payload(2, region, key, pickle.dumps(Planted())),
+    }[plant]
+    fleet.admin.set(l2.value_keys(fleet.wire, region, key)[0], tags + payload)
+    assert fleet.run(a.get_or_set(key, lambda: "db")) == "db"
+    assert a.stats().l2_corrupt == 1
+    assert LOADED == []
+
+
+def test_signed_pickles_roundtrip_through_l2(fleet: Fleet) -> None:
+    """PickleSerializer with secret=: any picklable value is shared, verified before loading."""
+    a = fleet.make(secret="k", serializer=PickleSerializer())
+    b = fleet.make(secret="k", serializer=PickleSerializer())
+    value = {"when": time.gmtime(0), "set": frozenset({1})}
+    assert fleet.run(a.get_or_set("k", lambda: value)) == value
+    assert fleet.run(b.get_or_set("k", lambda: "db")) == value
+
+
+def test_l2_lost_only_causes_misses(fleet: Fleet) -> None:
+    """FLUSHALL (or a restart without data): values, leases and generations go; reads load
+    from the factory again, nothing fails and no old value returns."""
+    a, b = fleet.make(), fleet.make()
+    fleet.run(a.get_or_set("k", lambda: "v1"))
+    fleet.admin.flushall()
+    calls: list[Any] = []
+    assert fleet.run(b.get_or_set("k", factory("v2", calls))) == "v2"
+    assert calls == ["v2"]
+    assert fleet.run(b.get_or_set("j", factory("v3", calls))) == "v3"
+
+
+def test_redis_down_reads_go_to_the_factory_without_waiting(
+    fleet: Fleet, tcp_proxy: Any
+) -> None:
+    """With Redis unreachable, a miss costs no L2 timeout: the factory answers at once and
+    L1 keeps serving; writes queue for later."""
+    proxy: TcpProxy = tcp_proxy(fleet.server.port)
+    a = fleet.make(f"127.0.0.1:{proxy.port},abortConnect=False", l2_timeout=2.0)
+    fleet.run(a.get_or_set("cached", lambda: "v"))
+    proxy.refuse()
+    proxy.cut()
+    wait_until(lambda: a.backplane_state.value != "connected")
+    started = time.monotonic()
+    assert fleet.run(a.get_or_set("k", lambda: "db")) == "db"
+    assert time.monotonic() - started < 1.0
+    assert fleet.run(a.get("cached")) == "v"
+    fleet.run(a.set("w", "x"))
+    assert a.stats().pending == 1
+    proxy.accept()
+    fleet.run(a.flush(10))
+    assert fleet.in_l2("w") is not None or a.stats().updates_fell_back >= 1
+
+
+def test_l2_options_are_checked() -> None:
+    """l2/update need a connection string and the log; pickle needs a secret."""
+    with pytest.raises(ConfigurationError, match="connection"):
+        NearCache(l2=True)
+    with pytest.raises(ConfigurationError, match="connection string"):
+        NearCache(backplane=MemoryBackplane(MemoryBroker(), "c"), propagate="update")
+    with pytest.raises(ConfigurationError, match="replay_log"):
+        NearCache("127.0.0.1:1,abortConnect=False", l2=True, replay_log=0)
+    with pytest.raises(ConfigurationError, match="secret"):
+        NearCache("redis://127.0.0.1:1/0", l2=True, serializer=PickleSerializer())

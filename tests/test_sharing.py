@@ -1,0 +1,377 @@
+"""Unit tests of the I/O-free side of sharing values: the outbox carrying values, the
+publish plans, received values, and the read path's steps (driven here step by step)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from nearcache import SafeSerializer, SerializationError
+from nearcache._core import l2
+from nearcache._core.cache import CacheCore, CacheOptions
+from nearcache._core.codec import Invalidation, Kind, Update, decode, encode
+from nearcache._core.l2 import L2Options
+from nearcache._core.outbox import Outbox
+from nearcache._core.sharing import Fill, Load, Loaded, Read, Release, Sharing, Wait
+from nearcache._core.store import MISSING
+from tests.clock import FakeClock
+
+SENDER = bytes(16)
+OTHER = bytes(range(16))
+
+
+def update(key: str, data: bytes = b"v", region: str | None = "r") -> Update:
+    op = Update(region, key, data)
+    op.since = (b"e", "5-0")
+    return op
+
+
+def sharing(clock: FakeClock | None = None, **options: Any) -> Sharing:
+    opts = L2Options(**{"l2": True, "propagate": "update", **options})
+    return Sharing(opts, max_age=3600, default_ttl=None, secrets={}, clock=clock or FakeClock())
+
+
+# -- the outbox ---------------------------------------------------------------------------
+
+
+def test_a_repeated_key_is_sent_once_with_its_latest_operation() -> None:
+    """set, set, remove of one key: one operation, at the first position, the remove."""
+    box = Outbox()
+    box.add(update("k", b"1"))
+    box.add(Invalidation(Kind.REGION, "s"))
+    box.add(update("k", b"2"))
+    assert box.value_bytes == 1
+    box.add(Invalidation(Kind.KEY, "r", "k"))
+    assert box.value_bytes == 0
+    taken = box.take(100)
+    assert taken == [Invalidation(Kind.KEY, "r", "k"), Invalidation(Kind.REGION, "s")]
+    assert type(taken[0]) is Invalidation
+
+
+def test_a_later_value_replaces_a_waiting_invalidation() -> None:
+    """remove then set: the set's value travels, at the remove's position."""
+    box = Outbox()
+    box.add(Invalidation(Kind.KEY, "r", "k"))
+    box.add(update("k", b"new"))
+    (op,) = box.take(100)
+    assert isinstance(op, Update) and op.data == b"new"
+
+
+def test_plain_bulk_keys_override_waiting_values() -> None:
+    """remove_many after a set sends the plain invalidation, not the value."""
+    box = Outbox()
+    box.add(update("k", b"v"))
+    box.add_keys([Invalidation(Kind.KEY, "r", "k"), Invalidation(Kind.KEY, "r", "j")])
+    assert [type(op) for op in box.take(100)] == [Invalidation, Invalidation]
+    assert box.value_bytes == 0
+
+
+def test_values_past_the_byte_bound_travel_as_invalidations() -> None:
+    """Waiting values are bounded in bytes; past the bound a set is a plain invalidation."""
+    box = Outbox(max_value_bytes=10)
+    box.add(update("a", b"x" * 6))
+    box.add(update("b", b"x" * 6))
+    assert box.values_dropped == 1 and box.value_bytes == 6
+    box.add(update("a", b"x" * 9))  # replacing a's value stays within the bound
+    assert box.value_bytes == 9
+    ops = box.take(100)
+    assert [type(op) for op in ops] == [Update, Invalidation]
+    assert box.value_bytes == 0
+
+
+def test_a_clear_drops_waiting_values() -> None:
+    """A clear supersedes waiting values too; their bytes are released."""
+    box = Outbox()
+    box.add(update("a", b"xyz"))
+    box.add(Invalidation(Kind.CLEAR))
+    assert box.value_bytes == 0
+    assert box.take(100) == [Invalidation(Kind.CLEAR)]
+
+
+def test_holds_knows_waiting_and_in_flight_keys() -> None:
+    """An own write counts as pending until its batch is committed."""
+    box = Outbox()
+    box.track_in_flight = True
+    box.add(update("k"))
+    assert box.holds("r", "k") and not box.holds(None, "k")
+    box.take(100)
+    assert box.holds("r", "k")
+    box.commit()
+    assert not box.holds("r", "k")
+
+
+# -- publish plans ------------------------------------------------------------------------
+
+
+def test_plans_send_values_with_a_plain_fallback_and_l2_operations() -> None:
+    """A message with a value has its invalidation form as fallback; L2 operations follow
+    the operations in order; the batch's position is the oldest of its values."""
+    s = sharing()
+    old = update("a", b"1")
+    old.since = (b"e", "3-1")
+    chunks = [
+        [old, Invalidation(Kind.KEY, "r", "b")],
+        [Invalidation(Kind.REGION, "s"), Invalidation(Kind.CLEAR), update("c", b"2")],
+    ]
+    plans, since = s.plans(chunks, 7, SENDER)
+    assert since == (b"e", "3-1")
+    first, second = plans
+    assert decode(first.message).operations[0] == old
+    assert decode(first.fallback).operations == (
+        Invalidation(Kind.KEY, "r", "a"),
+        Invalidation(Kind.KEY, "r", "b"),
+    )
+    assert decode(first.fallback).sequence == decode(first.message).sequence == 7
+    assert decode(second.message).sequence == 8
+    assert [type(op).__name__ for op in first.operations] == ["StoreValue", "DeleteValue"]
+    assert [type(op).__name__ for op in second.operations] == [
+        "ClearRegion",
+        "ClearAll",
+        "StoreValue",
+    ]
+    assert s.stats.updates_sent == 2
+
+
+def test_plans_without_values_have_no_fallback() -> None:
+    """A message of plain invalidations is sent as is."""
+    plans, since = sharing().plans([[Invalidation(Kind.KEY, "r", "b")]], 1, SENDER)
+    assert plans[0].fallback == b"" and since is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message_kind", "l2_op"),
+    [
+        ({"propagate": "invalidate"}, Kind.KEY, "StoreValue"),
+        ({"l2": False}, Kind.UPDATE, "CheckValue"),
+        ({"update_max_bytes": 2}, Kind.KEY, "StoreValue"),
+        ({"l2_max_bytes": 2}, Kind.UPDATE, "DeleteValue"),
+    ],
+)
+def test_what_a_value_becomes_depends_on_the_options(
+    options: dict[str, Any], message_kind: Kind, l2_op: str
+) -> None:
+    """L2 only, updates only, and the size caps decide message form and L2 operation."""
+    plans, _ = sharing(**options).plans([[update("k", b"abc")]], 1, SENDER)
+    assert decode(plans[0].message).operations[0].kind is message_kind
+    assert type(plans[0].operations[0]).__name__ == l2_op
+
+
+def test_unknown_or_mixed_positions_give_none() -> None:
+    """One value without a position, or positions in two epochs: check from nowhere."""
+    a, b = update("a"), update("b")
+    b.since = None
+    assert sharing().plans([[a, b]], 1, SENDER)[1] is None
+    b.since = (b"other", "1-0")
+    assert sharing().plans([[a, b]], 1, SENDER)[1] is None
+
+
+def test_operation_refuses_oversized_values() -> None:
+    """A value larger than both caps is kept in L1 only: a plain invalidation, counted."""
+    s = sharing(l2_max_bytes=4, update_max_bytes=2)
+    assert isinstance(s.operation("k", None, b"abcd", None, None, None), Update)
+    assert type(s.operation("k", None, b"abcde", None, None, None)) is Invalidation
+    assert s.stats.l2_oversized == 1
+
+
+def test_serialize_names_the_key_and_wraps_any_error() -> None:
+    """A refused value, or a serializer raising anything, is a SerializationError with the key."""
+
+    class Broken(SafeSerializer):
+        def dumps(self, value: object) -> bytes:
+            raise RuntimeError("boom")
+
+    with pytest.raises(SerializationError, match="'k'"):
+        sharing().serialize(object(), "k", None)
+    with pytest.raises(SerializationError, match="RuntimeError: boom"):
+        sharing(serializer=Broken()).serialize(1, "k", None)
+
+
+# -- received values ----------------------------------------------------------------------
+
+
+def core(clock: FakeClock, **options: Any) -> CacheCore:
+    s = sharing(clock, **options)
+    c = CacheCore(
+        CacheOptions(), clock=clock, instance_id=SENDER, networked=True, sharing=s
+    )
+    c.confirmed(clock())
+    return c
+
+
+def message(sequence: int, *ops: Invalidation) -> bytes:
+    return encode(OTHER, sequence, list(ops))
+
+
+def test_a_received_value_replaces_the_copy_and_ages_with_confirmations() -> None:
+    """The next message of a known sender installs its value, current as of the last
+    confirmation: without further confirmations it ages out S after it."""
+    clock = FakeClock()
+    c = core(clock)
+    data = SafeSerializer().dumps("new")
+    c.store.set("k", "old", "r")
+    c.receive(message(1, Invalidation(Kind.KEY, "r", "x")))
+    c.receive(message(2, Update("r", "k", data)))
+    assert c.store.get("k", MISSING, "r") == "new"
+    assert c.sharing is not None and c.sharing.stats.updates_received == 1
+    clock.advance(c.options.max_staleness + 0.01)
+    assert c.store.get("k", MISSING, "r") is MISSING
+
+
+@pytest.mark.parametrize("case", ["first", "replayed", "own pending", "serializer", "corrupt"])
+def test_received_values_that_cannot_be_trusted_evict(case: str) -> None:
+    """A first message of a sender, a repeated sequence, an own unacknowledged write, another
+    serializer or bytes that fail to load: the key is dropped, never replaced."""
+    clock = FakeClock()
+    c = core(clock)
+    c.store.set("k", "old", "r")
+    data = SafeSerializer().dumps("new")
+    if case != "first":
+        c.receive(message(1, Invalidation(Kind.KEY, "r", "x")))
+    op = Update("r", "k", data)
+    sequence = 2
+    if case == "replayed":
+        c.receive(message(2, Invalidation(Kind.KEY, "r", "y")))
+    elif case == "own pending":
+        assert c.sharing is not None
+        c.set("k", "mine", "r", None, None, data, None)
+        sequence = 2
+    elif case == "serializer":
+        op = Update("r", "k", data, serializer=9)
+    elif case == "corrupt":
+        op = Update("r", "k", b"\x01garbage")
+    c.receive(message(sequence, op))
+    assert c.store.get("k", MISSING, "r") is MISSING
+    assert c.sharing is not None
+    rejected = case in ("serializer", "corrupt")
+    assert c.sharing.stats.updates_rejected == int(rejected)
+
+
+# -- the read path ------------------------------------------------------------------------
+
+
+def drive(flow: Generator[Any, Any, Loaded], replies: list[Any]) -> tuple[list[Any], Loaded]:
+    """Run the flow, answering each step with the next reply (an exception is thrown in)."""
+    steps: list[Any] = []
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = flow.send(send) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return steps, stop.value
+        steps.append(step)
+        reply = replies.pop(0)
+        send, error = (None, reply) if isinstance(reply, BaseException) else (reply, None)
+
+
+def result(status: int, record: bytes = b"", pttl: float | None = None) -> l2.ReadResult:
+    return l2.ReadResult(status, record, pttl, b"g", b"r")
+
+
+def record(value: object, key: str = "k", region: str | None = "r") -> bytes:
+    payload = l2.encode_payload(1, region, key, SafeSerializer().dumps(value))
+    return b"\x01g\x01r" + payload
+
+
+def test_an_l2_hit_needs_no_factory() -> None:
+    """One read: the value and what it has left in L2."""
+    s = sharing()
+    steps, loaded = drive(s.load_flow("k", "r", "t"), [result(l2.VALUE, record(41), 9.5)])
+    assert [type(x) for x in steps] == [Read]
+    assert loaded == Loaded(41, 9.5)
+    assert s.stats.l2_hits == 1 and s.stats.loads == 0
+
+
+def test_a_leased_miss_loads_and_fills_with_the_read_generations() -> None:
+    """With the lease: the factory, then the fill tagged with the generations read."""
+    s = sharing()
+    steps, loaded = drive(s.load_flow("k", "r", "t", ttl=30), [result(l2.LEASED), "db", True])
+    assert [type(x) for x in steps] == [Read, Load, Fill]
+    fill = steps[2]
+    assert (fill.token, fill.ttl, fill.gen, fill.rgen) == ("t", 30, b"g", b"r")
+    assert l2.decode_record(b"\x01g\x01r" + fill.payload, "r", "k", 1) == SafeSerializer().dumps(
+        "db"
+    )
+    assert loaded.value == "db" and s.stats.l2_fills == 1
+
+
+def test_a_failed_factory_gives_the_lease_up() -> None:
+    """The factory's error propagates after the lease is released."""
+    s = sharing()
+    flow = s.load_flow("k", "r", "t")
+    with pytest.raises(KeyError):
+        drive(flow, [result(l2.LEASED), KeyError("db down"), None])
+
+
+def test_a_held_lease_is_waited_for_then_the_value_is_used() -> None:
+    """Without the lease: wait, read again, use the holder's fill."""
+    clock = FakeClock()
+    s = sharing(clock)
+    steps, loaded = drive(
+        s.load_flow("k", "r", "t"),
+        [result(l2.LEASE_HELD), True, result(l2.LEASE_HELD), True, result(l2.VALUE, record(7))],
+    )
+    assert [type(x) for x in steps] == [Read, Wait, Read, Wait, Read]
+    assert loaded.value == 7 and s.stats.l2_lease_waits == 1 and s.stats.loads == 0
+
+
+def test_a_wait_that_runs_out_loads_without_the_lease() -> None:
+    """The holder never fills: after l2_lease_wait the process loads itself, no fill."""
+    clock = FakeClock()
+    s = sharing(clock, l2_lease_wait=0.01)
+    flow = s.load_flow("k", "r", "t")
+    steps: list[Any] = [flow.send(None)]
+    reply: Any = result(l2.LEASE_HELD)
+    while True:
+        step = flow.send(reply)
+        steps.append(step)
+        if type(step) is Wait:
+            clock.advance(step.seconds)
+            reply = True
+        elif type(step) is Read:
+            reply = result(l2.LEASE_HELD)
+        else:
+            break
+    assert type(steps[-1]) is Load
+    with pytest.raises(StopIteration) as stop:
+        flow.send("db")
+    assert stop.value.value == Loaded("db")
+
+
+@pytest.mark.parametrize("reply", [None, result(l2.VALUE, b"junk")])
+def test_l2_down_or_corrupt_goes_to_the_factory(reply: Any) -> None:
+    """No L2 (down, skipped) or a value that does not decode: the factory, no fill."""
+    s = sharing()
+    steps, loaded = drive(s.load_flow("k", "r", "t"), [reply, "db"])
+    assert [type(x) for x in steps] == [Read, Load]
+    assert loaded.value == "db"
+    assert s.stats.l2_corrupt == (0 if reply is None else 1)
+
+
+def test_a_value_that_cannot_be_shared_is_not_filled() -> None:
+    """A loaded value the serializer refuses, or too large, gives the lease up."""
+    s = sharing(l2_max_bytes=3)
+    for value, counter in ((object(), "l2_unserializable"), ("long", "l2_oversized")):
+        steps, loaded = drive(s.load_flow("k", "r", "t"), [result(l2.LEASED), value, None])
+        assert [type(x) for x in steps] == [Read, Load, Release]
+        assert loaded.value is value and getattr(s.stats, counter) == 1
+
+
+def test_a_closing_cache_stops_waiting() -> None:
+    """A Wait answered False (closing) loads at once."""
+    steps, _ = drive(sharing().load_flow("k", "r", "t"), [result(l2.LEASE_HELD), False, "db"])
+    assert [type(x) for x in steps] == [Read, Wait, Load]
+
+
+def test_received_value_store_time_is_minus_infinity() -> None:
+    """(Documented) a received value is known current only as of a confirmation."""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    c.receive(message(2, Update(None, "k", SafeSerializer().dumps(1))))
+    assert c.store.get("k") == 1
+    c.confirmed(clock() + 100)
+    clock.advance(101)
+    assert c.store.get("k") == 1  # confirmations keep it
