@@ -274,9 +274,7 @@ def test_l2_lost_only_causes_misses(fleet: Fleet) -> None:
     assert fleet.run(b.get_or_set("j", factory("v3", calls))) == "v3"
 
 
-def test_redis_down_reads_go_to_the_factory_without_waiting(
-    fleet: Fleet, tcp_proxy: Any
-) -> None:
+def test_redis_down_reads_go_to_the_factory_without_waiting(fleet: Fleet, tcp_proxy: Any) -> None:
     """With Redis unreachable, a miss costs no L2 timeout: the factory answers at once and
     L1 keeps serving; writes queue for later."""
     proxy: TcpProxy = tcp_proxy(fleet.server.port)

@@ -193,9 +193,7 @@ def test_serialize_names_the_key_and_wraps_any_error() -> None:
 
 def core(clock: FakeClock, **options: Any) -> CacheCore:
     s = sharing(clock, **options)
-    c = CacheCore(
-        CacheOptions(), clock=clock, instance_id=SENDER, networked=True, sharing=s
-    )
+    c = CacheCore(CacheOptions(), clock=clock, instance_id=SENDER, networked=True, sharing=s)
     c.confirmed(clock())
     return c
 
