@@ -41,11 +41,29 @@ from nearcache._core.log import (
 from nearcache._exceptions import BackplaneError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
-__all__ = ["AsyncRedisBackplane"]
+__all__ = ["AsyncRedisBackplane", "abort_connections"]
 
 log = logging.getLogger("nearcache")
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
+
+
+def abort_connections(*clients: aioredis.Redis) -> None:
+    """Close every socket of these clients now, without waiting (see
+    ``AsyncRedisBackplane._abort_connections``; the L2's clients use it too)."""
+    for client in clients:
+        pool = client.connection_pool
+        connections = [
+            *getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ()),
+        ]
+        for connection in connections:
+            writer = getattr(connection, "_writer", None)
+            if writer is not None:
+                writer.transport.abort()
+                close = getattr(connection, "_close", None)
+                if close is not None:
+                    close()  # forget the aborted streams: no "unclosed" warning later
 
 
 class AsyncRedisBackplane:
@@ -174,19 +192,7 @@ class AsyncRedisBackplane:
         CLIENT LIST that no connection is left); with another layout it does nothing, and the
         ``aclose`` calls after it close the connections the ordinary way.
         """
-        for client in (self._publisher, self._subscriber_client):
-            pool = client.connection_pool
-            connections = [
-                *getattr(pool, "_available_connections", ()),
-                *getattr(pool, "_in_use_connections", ()),
-            ]
-            for connection in connections:
-                writer = getattr(connection, "_writer", None)
-                if writer is not None:
-                    writer.transport.abort()
-                    close = getattr(connection, "_close", None)
-                    if close is not None:
-                        close()  # forget the aborted streams: no "unclosed" warning later
+        abort_connections(self._publisher, self._subscriber_client)
 
     def _check_closing(self) -> None:
         """Stop the listener task, as a delivered cancel would, once ``aclose`` began."""

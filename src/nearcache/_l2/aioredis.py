@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from nearcache._backplane.aioredis import abort_connections
 from nearcache._config import RedisSettings
 from nearcache._core import l2
 from nearcache._core.codec import Key, Region
@@ -152,6 +153,7 @@ class AsyncRedisL2:
         return int(reply[2])
 
     async def aclose(self) -> None:
-        """Release the connections."""
+        """Release the connections at once: a publish or read blocked on one fails now."""
+        abort_connections(self._client, self._publisher)
         await self._client.aclose()
         await self._publisher.aclose()
