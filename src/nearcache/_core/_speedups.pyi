@@ -1,45 +1,94 @@
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
-class Entry:
-    key: Hashable
-    region: str | None
-    value: Any
-    stored: float
-    expires: float
-    deadline: float
-    sliding: float
-    hits: int
-    mark: int
-    def __init__(
-        self,
-        key: Hashable,
-        region: str | None,
-        value: object,
-        stored: float,
-        expires: float,
-        deadline: float,
-        sliding: float,
-    ) -> None: ...
+from nearcache._core.store import Reservation
 
-class Reader:
-    default_bucket: dict[Hashable, Any]
-    regions: dict[str | None, dict[Hashable, Any]]
+API: int
+
+class Entry:
+    @property
+    def key(self) -> Hashable: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def stored(self) -> float: ...
+    @property
+    def expires(self) -> float: ...
+    @property
+    def deadline(self) -> float: ...
+    @property
+    def sliding(self) -> float: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def mark(self) -> int: ...
+
+class AtomicEntry(Entry): ...
+class SlidingEntry(Entry): ...
+
+class Table:
+    @property
+    def default_bucket(self) -> dict[Hashable, Entry]: ...
+    @property
+    def regions(self) -> dict[str | None, dict[Hashable, Entry]]: ...
+    @property
+    def reservations(self) -> dict[tuple[str | None, Hashable], Reservation]: ...
+    @property
+    def ring(self) -> deque[Entry]: ...
     fresh_until: float
-    max_staleness: float
-    misses: int
+    @property
+    def max_staleness(self) -> float: ...
+    @property
+    def max_entries(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def sets(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def expirations(self) -> int: ...
+    @property
+    def retired_hits(self) -> int: ...
     def __init__(
         self,
-        default_bucket: dict[Hashable, Any],
-        regions: dict[str | None, dict[Hashable, Any]],
         clock: Callable[[], float] | None,
-        fresh_until: float,
+        max_entries: int,
+        ttl: float | None,
+        sliding: float | None,
+        max_age: float,
         max_staleness: float,
     ) -> None: ...
     def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any: ...
     def aget(
         self, key: Hashable, default: Any = None, region: str | None = None
     ) -> Awaitable[Any]: ...
+    def set(
+        self,
+        key: Hashable,
+        value: object,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        stored: float | None = None,
+    ) -> None: ...
+    def insert(
+        self,
+        key: Hashable,
+        value: object,
+        region: str | None,
+        stored: float | None,
+        ttl: float | None,
+        sliding: float | None,
+    ) -> None: ...
+    def remove(self, key: Hashable, region: str | None = None) -> bool: ...
+    def clear_region(self, region: str | None) -> int: ...
+    def clear(self) -> int: ...
 
 class Ready:
     def __await__(self) -> Any: ...

@@ -17,7 +17,7 @@ from nearcache._core.codec import Invalidation, Kind, decode, encode, split
 from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
 from nearcache._core.sharing import Sharing
-from nearcache._core.store import L1Store
+from nearcache._core.store import HIT_PATH, L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
 
 __all__ = [
@@ -51,6 +51,8 @@ PLAIN_KEY_TYPES = frozenset((str, int, bytes, bool))
 def check_key(key: object, region: object) -> None:
     """Raise ``TypeError`` or ``ValueError`` unless ``key`` and ``region`` can travel on the
     backplane (str, bytes or int keys; str or None regions; encodable, within limits)."""
+    if region is None and key.__class__ is str and key.isascii():
+        return  # the common case, on every set: ASCII always encodes (isascii is O(1))
     if isinstance(key, str):
         try:
             key.encode()
@@ -562,6 +564,9 @@ class CacheStats:
     updates_fell_back: int = 0
     updates_received: int = 0
     updates_rejected: int = 0
+    #: Which implementation of the L1 store runs: "C accelerator", or "pure Python" where the
+    #: optional extension was not built (no compiler) or NEARCACHE_PURE_PYTHON=1 is set.
+    l1_store: str = HIT_PATH
 
     @property
     def hit_ratio(self) -> float:
@@ -600,5 +605,6 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         backplane=backplane_state,
         last_error=core.last_error,
         apply_latency=core.apply_latency.snapshot(),
+        l1_store=HIT_PATH,
         **(core.sharing.stats.as_dict() if core.sharing is not None else {}),
     )

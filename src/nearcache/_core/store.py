@@ -51,11 +51,12 @@ _LOOKAHEAD = 8
 
 
 class _PyEntry:
-    """One cached value with its timestamps (the C accelerator has the same fields)."""
+    """One cached value with its timestamps (the C accelerator keeps the same fields)."""
 
     __slots__ = (
         "deadline",
         "expires",
+        "fast_until",
         "hits",
         "key",
         "mark",
@@ -82,69 +83,305 @@ class _PyEntry:
         self.expires = expires  # next expiry: sliding or absolute, whichever is first
         self.deadline = deadline  # hard limit: absolute TTL and max_age
         self.sliding = sliding  # sliding window in seconds, 0.0 when none
+        # Until when a hit may skip everything but one comparison: a sliding entry never
+        # may (each hit moves its expiry), any other until it expires.
+        self.fast_until = -math.inf if sliding else expires
         self.hits = 0
         self.mark = 0  # hits seen by the eviction hand at its last pass
 
 
-class _PyReader:
-    """The L1 read path (the C accelerator in ``_speedups.c`` implements the same)."""
+def _py_reader(
+    bucket: dict[Hashable, Any],
+    regions: dict[Region, dict[Hashable, Any]],
+    clock: Callable[[], float],
+    fresh_until: float,
+    max_staleness: float,
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., None], Callable[[], int]]:
+    """The pure-Python hit path: ``get``, ``aget``, ``rebind(bucket, regions, fresh_until)``
+    and ``misses()``.
 
-    __slots__ = ("clock", "default_bucket", "fresh_until", "max_staleness", "misses", "regions")
+    The state lives in closure cells, not in attributes: a cell read is the cheapest load
+    Python has, and this path is the one the accelerator replaces where there is no
+    compiler. ``rebind`` is how the writer swaps the buckets (a clear) or moves the
+    staleness floor; each swap is one cell store, so a concurrent ``get`` sees the old state
+    or the new one, never a mix.
+    """
+    misses = 0
+    lookup = bucket.get  # the default region's lookup, bound once: the cheapest call there is
 
-    def __init__(
-        self,
-        default_bucket: dict[Hashable, Any],
-        regions: dict[Region, dict[Hashable, Any]],
-        clock: Callable[[], float] | None,
-        fresh_until: float,
-        max_staleness: float,
+    def rebind(
+        new_bucket: dict[Hashable, Any],
+        new_regions: dict[Region, dict[Hashable, Any]],
+        new_fresh_until: float,
     ) -> None:
-        self.default_bucket = default_bucket
-        self.regions = regions
-        self.clock = clock or time.monotonic
-        self.fresh_until = fresh_until
-        self.max_staleness = max_staleness
-        self.misses = 0
+        nonlocal lookup, regions, fresh_until
+        lookup, regions, fresh_until = new_bucket.get, new_regions, new_fresh_until
 
-    def get(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
-        """The value if servable, else ``default`` (see the module doc for the rule)."""
+    def count_misses() -> int:
+        return misses
+
+    def get_local(key: Hashable, default: Any = None, region: Region = None) -> Any:
+        # A local store never goes stale (max_staleness is infinite): only expiry applies.
+        nonlocal misses
         if region is None:
-            entry = self.default_bucket.get(key)
+            entry = lookup(key)
         else:
-            bucket = self.regions.get(region)
-            entry = None if bucket is None else bucket.get(key)
+            held = regions.get(region)
+            entry = None if held is None else held.get(key)
         if entry is not None:
-            now = self.clock()
-            if now < entry.expires and (
-                now <= self.fresh_until or now <= entry.stored + self.max_staleness
-            ):
+            now = clock()
+            if now < entry.fast_until:
+                entry.hits += 1
+                return entry.value
+            if now < entry.expires:
                 entry.hits += 1
                 if entry.sliding:
                     entry.expires = min(now + entry.sliding, entry.deadline)
                 return entry.value
-        self.misses += 1
+        misses += 1
         return default
 
-    async def aget(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
-        """:meth:`get` as an awaitable."""
-        return self.get(key, default, region)
+    def get_networked(key: Hashable, default: Any = None, region: Region = None) -> Any:
+        nonlocal misses
+        if region is None:
+            entry = lookup(key)
+        else:
+            held = regions.get(region)
+            entry = None if held is None else held.get(key)
+        if entry is not None:
+            now = clock()
+            if now < entry.fast_until and now <= fresh_until:
+                entry.hits += 1
+                return entry.value
+            if now < entry.expires and (now <= fresh_until or now <= entry.stored + max_staleness):
+                entry.hits += 1
+                if entry.sliding:
+                    entry.expires = min(now + entry.sliding, entry.deadline)
+                return entry.value
+        misses += 1
+        return default
+
+    get = get_local if max_staleness == math.inf else get_networked
+
+    async def aget(key: Hashable, default: Any = None, region: Region = None) -> Any:
+        return get(key, default, region)
+
+    return get, aget, rebind, count_misses
 
 
-def _implementation() -> tuple[Any, Any]:
-    """The C accelerator's Entry and Reader if it was built, else the Python ones."""
+class _PyTable:
+    """The entries, the CLOCK ring and the hot paths (``get``, ``set``, ``remove``) in
+    Python; ``_speedups.Table`` implements the same in C, and the differential tests hold
+    the two to the same results. Writers are serialized by the caller (see the module doc).
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] | None,
+        max_entries: int,
+        ttl: float | None,
+        sliding: float | None,
+        max_age: float,
+        max_staleness: float,
+    ) -> None:
+        self._clock = clock = clock or time.monotonic
+        self.max_entries = max_entries
+        self._ttl = ttl
+        self._sliding = sliding
+        self._max_age = max_age
+        self.max_staleness = max_staleness
+        self.default_bucket: dict[Hashable, Any] = {}
+        self.regions: dict[Region, dict[Hashable, Any]] = {None: self.default_bucket}
+        self.reservations: dict[tuple[Region, Hashable], Reservation] = {}
+        self.ring: deque[Any] = deque()  # the CLOCK ring (entries); holds dead ones lazily
+        self.count = 0
+        self.sets = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.retired_hits = 0
+        # Local caches never go stale; a backplane cache starts unconfirmed.
+        self._fresh_until = math.inf if max_staleness == math.inf else -math.inf
+        self.get, self.aget, self._rebind, self._misses = _py_reader(
+            self.default_bucket, self.regions, clock, self._fresh_until, max_staleness
+        )
+
+    @property
+    def fresh_until(self) -> float:
+        return self._fresh_until
+
+    @fresh_until.setter
+    def fresh_until(self, value: float) -> None:
+        self._fresh_until = value
+        self._rebind(self.default_bucket, self.regions, value)
+
+    @property
+    def misses(self) -> int:
+        return self._misses()
+
+    def set(
+        self,
+        key: Hashable,
+        value: object,
+        region: Region = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+        stored: float | None = None,
+    ) -> None:
+        if self.reservations:
+            reservation = self.reservations.pop((region, key), None)
+            if reservation is not None:
+                reservation.cancelled = True
+        self.insert(key, value, region, stored, ttl, sliding)
+
+    def insert(
+        self,
+        key: Hashable,
+        value: object,
+        region: Region,
+        stored: float | None,
+        ttl: float | None,
+        sliding: float | None,
+    ) -> None:
+        """Store an entry known current as of ``stored`` (None: now, read once)."""
+        now = self._clock()
+        if stored is None:
+            stored = now
+        ttl = self._ttl if ttl is None else ttl
+        sliding = self._sliding if sliding is None else sliding
+        deadline = now + self._max_age if ttl is None else now + min(ttl, self._max_age)
+        expires = deadline if not sliding else min(deadline, now + sliding)
+        entry = _PyEntry(key, region, value, stored, expires, deadline, sliding or 0.0)
+        bucket = self.default_bucket if region is None else self.regions.get(region)
+        if bucket is None:
+            bucket = self.regions[region] = {}
+        old = bucket.get(key)
+        if old is None:
+            self._sweep(now, 2)
+            # Make room before inserting, so the new entry is never its own victim.
+            while self.count >= self.max_entries and self.ring:
+                self._evict_one(now)
+            bucket = self.default_bucket if region is None else self.regions.setdefault(region, {})
+            old = bucket.get(key)  # a finalizer run by an eviction may have set it meanwhile
+            if old is None:
+                self.count += 1
+        if old is not None:
+            self.retired_hits += old.hits
+        bucket[key] = entry
+        self.sets += 1
+        self.ring.append(entry)
+        if len(self.ring) > 2 * self.count + 1024:
+            self.ring = deque(e for e in self.ring if self._live(e))
+
+    def _live(self, entry: _PyEntry) -> bool:
+        bucket = self.regions.get(entry.region)
+        return bucket is not None and bucket.get(entry.key) is entry
+
+    def _drop(self, entry: _PyEntry) -> None:
+        bucket = self.regions[entry.region]
+        del bucket[entry.key]
+        if not bucket and entry.region is not None:
+            del self.regions[entry.region]
+        self.count -= 1
+        self.retired_hits += entry.hits
+
+    def _evict_one(self, now: float) -> None:
+        ring = self.ring
+        # An expired entry near the hand goes before any live one (a short look-ahead keeps
+        # this O(1); the sweep frees the rest of the expired entries over time).
+        for i in range(min(_LOOKAHEAD, len(ring))):
+            entry = ring[i]
+            if now >= entry.expires and self._live(entry):
+                del ring[i]
+                self._drop(entry)
+                self.expirations += 1
+                return
+        while ring:
+            entry = ring.popleft()
+            if not self._live(entry):
+                continue
+            if entry.hits != entry.mark and now < entry.expires:
+                entry.mark = entry.hits  # second chance: used since the hand last passed
+                ring.append(entry)
+                continue
+            self._drop(entry)
+            if now < entry.expires:
+                self.evictions += 1
+            else:
+                self.expirations += 1
+            return
+
+    def _sweep(self, now: float, budget: int) -> None:
+        """Drop dead and expired entries at the hand (the oldest), so that expired entries do
+        not pile up with no size pressure. It stops at the first live one: moving entries past
+        the hand without a pass of the eviction policy would skew it."""
+        ring = self.ring
+        for _ in range(min(budget, len(ring))):
+            entry = ring[0]
+            if not self._live(entry):
+                ring.popleft()
+            elif now >= entry.expires:
+                ring.popleft()
+                self._drop(entry)
+                self.expirations += 1
+            else:
+                return
+
+    def remove(self, key: Hashable, region: Region = None) -> bool:
+        if self.reservations:
+            reservation = self.reservations.pop((region, key), None)
+            if reservation is not None:
+                reservation.cancelled = True
+        bucket = self.regions.get(region)
+        entry = None if bucket is None else bucket.get(key)
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def clear_region(self, region: Region) -> int:
+        bucket = self.regions.pop(region, None)
+        if region is None:
+            self.default_bucket = {}
+            self.regions[None] = self.default_bucket
+            self._rebind(self.default_bucket, self.regions, self._fresh_until)
+        if not bucket:
+            return 0
+        self.count -= len(bucket)
+        self.retired_hits += sum(e.hits for e in bucket.values())
+        return len(bucket)
+
+    def clear(self) -> int:
+        held = self.count
+        self.retired_hits += sum(e.hits for b in self.regions.values() for e in b.values())
+        self.default_bucket = {}
+        self.regions = {None: self.default_bucket}
+        self._rebind(self.default_bucket, self.regions, self._fresh_until)
+        self.ring = deque()
+        self.count = 0
+        return held
+
+
+def _implementation() -> Any:
+    """The C accelerator's Table if it was built (and is current), else the Python one."""
     if os.environ.get("NEARCACHE_PURE_PYTHON"):
-        return _PyEntry, _PyReader
+        return _PyTable
     try:
         from nearcache._core import _speedups
     except ImportError:  # pragma: no cover - built without a compiler
-        return _PyEntry, _PyReader
-    return _speedups.Entry, _speedups.Reader
+        return _PyTable
+    if getattr(_speedups, "API", None) != _API:  # pragma: no cover - a stale in-place build
+        return _PyTable
+    return _speedups.Table
 
 
-_Entry, _Reader = _implementation()
+_API = 2  # bumped with every change of _speedups' interface; a stale build is not used
+_Table = _implementation()
 
-ACCELERATED: Final = _Reader is not _PyReader
-"""Whether the L1 hit path runs in C (``NEARCACHE_PURE_PYTHON=1`` turns it off)."""
+ACCELERATED: Final = _Table is not _PyTable
+"""Whether the L1 hot paths run in C (``NEARCACHE_PURE_PYTHON=1`` turns it off)."""
+
+HIT_PATH: Final = "C accelerator" if ACCELERATED else "pure Python"
+"""Which implementation of the L1 store is active, as reported in the cache's stats."""
 
 
 class Reservation:
@@ -203,32 +440,22 @@ class L1Store:
         max_staleness: float = math.inf,
     ) -> None:
         self._clock = clock
-        self._max_entries = max_entries
-        self._ttl = ttl
-        self._sliding = sliding
-        self._max_age = max_age
         self._max_staleness = max_staleness
-        self._default: dict[Hashable, Any] = {}
-        self._regions: dict[Region, dict[Hashable, Any]] = {None: self._default}
-        self._ring: deque[Any] = deque()  # the CLOCK ring (entries); holds dead ones lazily
-        self._count = 0
-        # Local caches never go stale; a backplane cache starts unconfirmed.
-        self._reader = _Reader(
-            self._default,
-            self._regions,
-            # The C reader reads CLOCK_MONOTONIC itself, which is time.monotonic on Linux.
+        self._table = self._reader = _Table(
+            # The C table reads CLOCK_MONOTONIC itself, which is time.monotonic on Linux.
             None if clock is time.monotonic and sys.platform.startswith("linux") else clock,
-            math.inf if max_staleness == math.inf else -math.inf,
+            max_entries,
+            ttl,
+            sliding,
+            max_age,
             max_staleness,
         )
-        # The hit path: the reader's own method, with no Python frame in between.
-        self.get = self._reader.get  # type: ignore[method-assign]
-        self.aget = self._reader.aget  # type: ignore[method-assign]
-        self._reservations: dict[tuple[Region, Hashable], Reservation] = {}
-        self._retired_hits = 0
-        self._sets = 0
-        self._evictions = 0
-        self._expirations = 0
+        # The hot paths: the table's own methods, with no Python frame in between.
+        self.get = self._table.get  # type: ignore[method-assign]
+        self.aget = self._table.aget  # type: ignore[method-assign]
+        self.set = self._table.set  # type: ignore[method-assign]
+        self.remove = self._table.remove  # type: ignore[method-assign]
+        self._reservations: dict[tuple[Region, Hashable], Reservation] = self._table.reservations
         self._invalidations = 0
         self._rejected_loads = 0
         self._repairs = 0
@@ -238,25 +465,29 @@ class L1Store:
     def get(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
         """Return the value of ``key`` in ``region``, or ``default`` when it is not servable.
 
-        (Each store replaces this method with its reader's, C or Python, at construction.)
+        (Each store replaces this method with its table's, C or Python, at construction.)
         """
-        return self._reader.get(key, default, region)
+        return self._table.get(key, default, region)
 
     async def aget(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
         """:meth:`get` as an awaitable that never suspends."""
-        return self._reader.get(key, default, region)
+        return self._table.get(key, default, region)
 
     @property
     def _fresh_until(self) -> float:
-        return float(self._reader.fresh_until)
+        return float(self._table.fresh_until)
 
     @_fresh_until.setter
     def _fresh_until(self, value: float) -> None:
-        self._reader.fresh_until = value
+        self._table.fresh_until = value
+
+    @property
+    def _ring(self) -> Any:
+        return self._table.ring
 
     def peek(self, key: Hashable, default: Any = None, region: Region = None) -> Any:
         """Like :meth:`get` but counts nothing (for re-checks of a read already counted)."""
-        bucket = self._regions.get(region)
+        bucket = self._table.regions.get(region)
         entry = None if bucket is None else bucket.get(key)
         if entry is None:
             return default
@@ -271,7 +502,7 @@ class L1Store:
         return now <= self._fresh_until or now <= stored + self._max_staleness
 
     def __len__(self) -> int:
-        return self._count
+        return int(self._table.count)
 
     def __contains__(self, item: tuple[Region, Hashable]) -> bool:
         region, key = item
@@ -279,11 +510,11 @@ class L1Store:
 
     def keys(self, region: Region = None) -> Iterator[Hashable]:
         """The keys currently held in ``region`` (servable or not)."""
-        return iter(list(self._regions.get(region, {})))
+        return iter(list(self._table.regions.get(region, {})))
 
     def regions(self) -> list[Region]:
         """The regions that currently hold entries."""
-        return [r for r, bucket in self._regions.items() if bucket]
+        return [r for r, bucket in self._table.regions.items() if bucket]
 
     @property
     def fresh_until(self) -> float:
@@ -292,14 +523,15 @@ class L1Store:
 
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""
-        live_hits = sum(e.hits for bucket in self._regions.values() for e in bucket.values())
+        table = self._table
+        live_hits = sum(e.hits for bucket in table.regions.values() for e in bucket.values())
         return StoreStats(
-            entries=self._count,
-            hits=self._retired_hits + live_hits,
-            misses=self._reader.misses,
-            sets=self._sets,
-            evictions=self._evictions,
-            expirations=self._expirations,
+            entries=table.count,
+            hits=table.retired_hits + live_hits,
+            misses=table.misses,
+            sets=table.sets,
+            evictions=table.evictions,
+            expirations=table.expirations,
             invalidations=self._invalidations,
             rejected_loads=self._rejected_loads,
             repairs=self._repairs,
@@ -312,7 +544,6 @@ class L1Store:
         key: Hashable,
         value: object,
         region: Region = None,
-        *,
         ttl: float | None = None,
         sliding: float | None = None,
         stored: float | None = None,
@@ -322,118 +553,17 @@ class L1Store:
         ``stored``: when the value was known current (default: now). A value received from
         another instance passes ``-inf``: it is then served only as long as confirmations
         keep arriving, i.e. as of the confirmation that preceded it (see docs/guarantees.md).
+
+        (Each store replaces this method with its table's, C or Python, at construction.)
         """
-        reservation = self._reservations.pop((region, key), None)
-        if reservation is not None:
-            reservation.cancelled = True
-        self._insert(key, value, region, stored, ttl, sliding)
-
-    def _insert(
-        self,
-        key: Hashable,
-        value: object,
-        region: Region,
-        stored: float | None,
-        ttl: float | None,
-        sliding: float | None,
-    ) -> None:
-        """Store an entry known current as of ``stored`` (None: now, read once)."""
-        now = self._clock()
-        if stored is None:
-            stored = now
-        ttl = self._ttl if ttl is None else ttl
-        sliding = self._sliding if sliding is None else sliding
-        deadline = now + self._max_age if ttl is None else now + min(ttl, self._max_age)
-        expires = deadline if not sliding else min(deadline, now + sliding)
-        entry = _Entry(key, region, value, stored, expires, deadline, sliding or 0.0)
-        bucket = self._default if region is None else self._regions.get(region)
-        if bucket is None:
-            bucket = self._regions[region] = {}
-        old = bucket.get(key)
-        if old is None:
-            self._sweep(now, 2)
-            # Make room before inserting, so the new entry is never its own victim.
-            while self._count >= self._max_entries and self._ring:
-                self._evict_one(now)
-            bucket = self._default if region is None else self._regions.setdefault(region, {})
-            self._count += 1
-        else:
-            self._retired_hits += old.hits
-        bucket[key] = entry
-        self._sets += 1
-        self._ring.append(entry)
-        if len(self._ring) > 2 * self._count + 1024:
-            self._compact()
-
-    def _live(self, entry: _PyEntry) -> bool:
-        bucket = self._regions.get(entry.region)
-        return bucket is not None and bucket.get(entry.key) is entry
-
-    def _drop(self, entry: _PyEntry) -> None:
-        bucket = self._regions[entry.region]
-        del bucket[entry.key]
-        if not bucket and entry.region is not None:
-            del self._regions[entry.region]
-        self._count -= 1
-        self._retired_hits += entry.hits
-
-    def _evict_one(self, now: float) -> None:
-        ring = self._ring
-        # An expired entry near the hand goes before any live one (a short look-ahead keeps
-        # this O(1); the sweep frees the rest of the expired entries over time).
-        for i in range(min(_LOOKAHEAD, len(ring))):
-            entry = ring[i]
-            if now >= entry.expires and self._live(entry):
-                del ring[i]
-                self._drop(entry)
-                self._expirations += 1
-                return
-        while ring:
-            entry = ring.popleft()
-            if not self._live(entry):
-                continue
-            if entry.hits != entry.mark and now < entry.expires:
-                entry.mark = entry.hits  # second chance: used since the hand last passed
-                ring.append(entry)
-                continue
-            self._drop(entry)
-            if now < entry.expires:
-                self._evictions += 1
-            else:
-                self._expirations += 1
-            return
-
-    def _sweep(self, now: float, budget: int) -> None:
-        """Drop dead and expired entries at the hand (the oldest), so that expired entries do
-        not pile up with no size pressure. It stops at the first live one: moving entries past
-        the hand without a pass of the eviction policy would skew it."""
-        ring = self._ring
-        for _ in range(min(budget, len(ring))):
-            entry = ring[0]
-            if not self._live(entry):
-                ring.popleft()
-            elif now >= entry.expires:
-                ring.popleft()
-                self._drop(entry)
-                self._expirations += 1
-            else:
-                return
-
-    def _compact(self) -> None:
-        self._ring = deque(e for e in self._ring if self._live(e))
+        self._table.set(key, value, region, ttl, sliding, stored)
 
     def remove(self, key: Hashable, region: Region = None) -> bool:
-        """Drop one key; cancel a load of it in flight. Return whether an entry was held."""
-        if self._reservations:
-            reservation = self._reservations.pop((region, key), None)
-            if reservation is not None:
-                reservation.cancelled = True
-        bucket = self._regions.get(region)
-        entry = None if bucket is None else bucket.get(key)
-        if entry is None:
-            return False
-        self._drop(entry)
-        return True
+        """Drop one key; cancel a load of it in flight. Return whether an entry was held.
+
+        (Each store replaces this method with its table's, C or Python, at construction.)
+        """
+        return bool(self._table.remove(key, region))
 
     def clear_region(self, region: Region) -> int:
         """Drop every key of ``region`` in O(1) (plus freeing); return how many were held."""
@@ -441,31 +571,14 @@ class L1Store:
         doomed = [ident for ident in self._reservations if ident[0] == region]
         for ident in doomed:
             self._reservations.pop(ident).cancelled = True
-        bucket = self._regions.pop(region, None)
-        if region is None:
-            self._default = {}
-            self._regions[None] = self._default
-            self._reader.default_bucket = self._default
-        if not bucket:
-            return 0
-        self._count -= len(bucket)
-        self._retired_hits += sum(e.hits for e in bucket.values())
-        return len(bucket)
+        return int(self._table.clear_region(region))
 
     def clear(self) -> int:
         """Drop everything and cancel every load in flight; return how many were held."""
-        held = self._count
-        self._retired_hits += sum(e.hits for b in self._regions.values() for e in b.values())
         for reservation in self._reservations.values():
             reservation.cancelled = True
         self._reservations.clear()
-        self._default = {}
-        self._regions = {None: self._default}
-        self._reader.default_bucket = self._default
-        self._reader.regions = self._regions
-        self._ring = deque()
-        self._count = 0
-        return held
+        return int(self._table.clear())
 
     def touch(self, key: Hashable, region: Region = None, *, ttl: float | None = None) -> bool:
         """Give a servable entry a new time to live of ``ttl`` seconds from now (``None``: the
@@ -524,7 +637,7 @@ class L1Store:
             self._rejected_loads += 1
             return False
         reservation.cancelled = True  # single use
-        self._insert(key, value, region, reservation.started, ttl, sliding)
+        self._table.insert(key, value, region, reservation.started, ttl, sliding)
         return True
 
     def release(self, reservation: Reservation) -> None:

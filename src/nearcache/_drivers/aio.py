@@ -35,7 +35,7 @@ from nearcache._core.l2 import L2Options
 from nearcache._core.serializer import SafeSerializer
 from nearcache._core.sharing import new_sharing, sharing_options
 from nearcache._core.store import MISSING, Reservation
-from nearcache._drivers.sync import CacheState, _ClosedStore, normalize_secrets
+from nearcache._drivers.sync import _CLOSED, CacheState, _ClosedStore, normalize_secrets
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
@@ -312,7 +312,7 @@ class AsyncNearCache:
         await self.aclose()
 
     def _check_open(self) -> None:
-        if self._state is CacheState.CLOSED:
+        if self._state is _CLOSED:
             raise CacheClosedError(f"the cache on channel {self._channel!r} is closed")
 
     # -- reads ----------------------------------------------------------------------------
