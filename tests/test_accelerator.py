@@ -116,6 +116,7 @@ operations = st.lists(
         st.tuples(st.just("remove"), key_st, region_st),
         st.tuples(st.just("clear_region"), region_st),
         st.tuples(st.just("clear")),
+        st.tuples(st.just("touch"), key_st, region_st, st.sampled_from(TTLS)),
         st.tuples(st.just("advance"), st.floats(0, 3)),
         st.tuples(st.just("reserve"), key_st, region_st),
         st.tuples(
@@ -176,6 +177,8 @@ def _run(store: L1Store, clock: FakeClock, ops: list[tuple[Any, ...]]) -> Iterat
             yield store.clear()
         elif kind == "advance":
             clock.advance(op[1])
+        elif kind == "touch":
+            yield store.touch(op[1], op[2], ttl=op[3])
         elif kind == "reserve":
             reservations.append(store.reserve(op[1], op[2]))
         elif kind == "commit":
@@ -256,6 +259,8 @@ def test_both_stores_keep_their_guarantees_under_size_pressure(
                 latest.clear()
             elif kind == "advance":
                 clock.advance(op[1])
+            elif kind == "touch":
+                store.touch(op[1], op[2], ttl=op[3])
             elif kind == "reserve":
                 reservations.append(store.reserve(op[1], op[2]))
             elif kind == "commit" and op[1] < len(reservations):

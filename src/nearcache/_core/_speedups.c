@@ -27,7 +27,7 @@
 #include <limits.h>
 #include <time.h>
 
-#define API_VERSION 2 /* store.py refuses a build whose interface is not the one it expects */
+#define API_VERSION 3 /* store.py refuses a build whose interface is not the one it expects */
 #define LOOKAHEAD 8   /* how far the eviction hand looks for an expired entry first */
 
 static PyObject *str_append, *str_popleft, *str_cancelled;
@@ -1025,6 +1025,40 @@ Table_remove(TableObject *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     Py_RETURN_TRUE;
 }
 
+/* retime(key, region, expires, deadline): new expiry times for a held entry (a touch), in
+ * place: no Python code runs between the two writes. */
+static PyObject *
+Table_retime(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    double expires, deadline;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "retime() takes (key, region, expires, deadline)");
+        return NULL;
+    }
+    if (as_double(args[2], &expires) < 0 || as_double(args[3], &deadline) < 0)
+        return NULL;
+    PyObject *bucket = bucket_of(self, args[1]);
+    if (bucket == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    PyObject *found = PyDict_GetItemWithError(bucket, args[0]);
+    Py_XINCREF(found);
+    Py_DECREF(bucket);
+    if (found == NULL || !IS_ENTRY(found)) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, args[0]);
+        Py_XDECREF(found);
+        return NULL;
+    }
+    ((EntryObject *)found)->expires = expires;
+    if (Py_TYPE(found) == &SlidingEntryType)
+        ((SlidingEntryObject *)found)->deadline = deadline;
+    Py_DECREF(found);
+    Py_RETURN_NONE;
+}
+
 static int
 sum_hits(PyObject *bucket, long long *total)
 {
@@ -1117,6 +1151,8 @@ static PyMethodDef Table_methods[] = {
      "known current as of stored (None: now), cancelling a load of the key in flight."},
     {"insert", (PyCFunction)(void (*)(void))Table_insert, METH_FASTCALL,
      "insert(key, value, region, stored, ttl, sliding): store a value current as of stored."},
+    {"retime", (PyCFunction)(void (*)(void))Table_retime, METH_FASTCALL,
+     "retime(key, region, expires, deadline): new expiry times for a held entry."},
     {"remove", (PyCFunction)(void (*)(void))Table_remove, METH_FASTCALL | METH_KEYWORDS,
      "remove(key, region=None): drop one key; return whether an entry was held."},
     {"clear_region", (PyCFunction)Table_clear_region, METH_O,

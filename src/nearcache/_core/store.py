@@ -270,7 +270,10 @@ class _PyTable:
         self.sets += 1
         self.ring.append(entry)
         if len(self.ring) > 2 * self.count + 1024:
-            self.ring = deque(e for e in self.ring if self._live(e))
+            self._compact()
+
+    def _compact(self) -> None:
+        self.ring = deque(e for e in self.ring if self._live(e))
 
     def _live(self, entry: _PyEntry) -> bool:
         bucket = self.regions.get(entry.region)
@@ -326,6 +329,18 @@ class _PyTable:
             else:
                 return
 
+    def retime(self, key: Hashable, region: Region, expires: float, deadline: float) -> None:
+        """Give the held entry of ``key`` new expiry times (a touch). A new entry replaces it:
+        a reader may hold the old one, and the hit path of a sliding entry writes to it."""
+        bucket = self.regions[region]
+        old = bucket[key]
+        entry = _PyEntry(key, region, old.value, old.stored, expires, deadline, old.sliding)
+        entry.hits, entry.mark = old.hits, old.mark
+        bucket[key] = entry
+        self.ring.append(entry)
+        if len(self.ring) > 2 * self.count + 1024:
+            self._compact()
+
     def remove(self, key: Hashable, region: Region = None) -> bool:
         if self.reservations:
             reservation = self.reservations.pop((region, key), None)
@@ -374,7 +389,7 @@ def _implementation() -> Any:
     return _speedups.Table
 
 
-_API = 2  # bumped with every change of _speedups' interface; a stale build is not used
+_API = 3  # bumped with every change of _speedups' interface; a stale build is not used
 _Table = _implementation()
 
 ACCELERATED: Final = _Table is not _PyTable
@@ -440,6 +455,8 @@ class L1Store:
         max_staleness: float = math.inf,
     ) -> None:
         self._clock = clock
+        self._ttl = ttl
+        self._max_age = max_age
         self._max_staleness = max_staleness
         self._table = self._reader = _Table(
             # The C table reads CLOCK_MONOTONIC itself, which is time.monotonic on Linux.
@@ -584,7 +601,7 @@ class L1Store:
         """Give a servable entry a new time to live of ``ttl`` seconds from now (``None``: the
         default ttl), keeping its value, its freshness and its ``max_age`` limit (counted from
         when the value was known current); return whether one was held."""
-        bucket = self._regions.get(region)
+        bucket = self._table.regions.get(region)
         entry = None if bucket is None else bucket.get(key)
         if entry is None:
             return False
@@ -594,8 +611,8 @@ class L1Store:
         ttl = self._ttl if ttl is None else ttl
         limit = entry.stored + self._max_age
         deadline = limit if ttl is None else min(now + ttl, limit)
-        entry.deadline = deadline
-        entry.expires = min(deadline, now + entry.sliding) if entry.sliding else deadline
+        expires = min(deadline, now + entry.sliding) if entry.sliding else deadline
+        self._table.retime(key, region, expires, deadline)
         return True
 
     def count_invalidation(self, count: int = 1) -> None:
