@@ -369,7 +369,7 @@ def test_bad_arguments_raise_like_python(table: type) -> None:
         ("get", ("k",), {"key": "k"}),
         ("get", (["unhashable"],), {}),
         ("set", ("k",), {}),
-        ("set", ("k", 1, None, None, None, None), {}),
+        ("set", ("k", 1, None, None, None, None, None), {}),
         ("set", ("k", 1), {"value": 2}),
         ("set", ("k", 1), {"ttl": "soon"}),
         ("remove", (), {}),
