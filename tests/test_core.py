@@ -231,6 +231,29 @@ def test_malformed_message_does_not_advance_the_sequence(clock: FakeClock) -> No
     assert core.stats.sequence_gaps == 1
 
 
+@pytest.mark.parametrize(
+    "forged",
+    [
+        pytest.param(message(1000, key("a"), signing=("k", b"wrong")), id="bad-signature"),
+        pytest.param(message(1000, key("a")), id="unsigned"),
+        pytest.param(message(1000, key("a"), signing=("k", b"s"))[:-1], id="truncated"),
+    ],
+)
+def test_a_rejected_message_never_moves_its_senders_sequence(
+    clock: FakeClock, forged: bytes
+) -> None:
+    """A rejected message naming a known sender and a far higher sequence changes nothing:
+    had it moved the sender's expected sequence, the real gap that follows would be hidden."""
+    core = make_core(clock, secrets={"k": b"s"})
+    core.receive(message(1, signing=("k", b"s")))
+    fill(core, "a")
+    assert not core.receive(forged)
+    assert held(core, "a")
+    core.receive(message(3, signing=("k", b"s")))  # message 2 never arrived
+    assert core.stats.sequence_gaps == 1
+    assert core.stats.malformed_messages == 1
+
+
 def test_incomplete_subscription_clears_l1_and_forgets_senders(clock: FakeClock) -> None:
     """A new subscription without replay drops L1, and a known sender's next message is no gap."""
     core = make_core(clock, max_staleness=2.0)

@@ -204,3 +204,62 @@ def test_reconcile() -> None:
     assert cursor.last == EntryId(9, 0)
     assert reconcile(cursor, (b"x", EntryId(1, 0)), lambda _: []) is None
     assert (cursor.epoch, cursor.last) == (b"x", EntryId(1, 0))
+
+
+# -- rejected messages change no receiver state (issue 8, defect 7) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        envelope(b"e", "99999999999999-0", b"forged"),  # far-future id, rejected message
+        envelope(b"evil", "1-0", b"forged"),  # another epoch, rejected message
+        b"NL\x00\x0399-0NCxyz",  # empty epoch: unparseable envelope
+        envelope(b"e", "99-x", b"forged"),  # bad entry-id syntax: unparseable envelope
+        b"NL\x01e\x30" + b"9" * 8,  # truncated envelope
+    ],
+)
+def test_a_rejected_live_message_moves_neither_the_cursor_nor_the_epoch(payload: bytes) -> None:
+    """Whatever a rejected live message's envelope claims, the cursor and its epoch stay, no
+    loss is reported, and the entries after the cursor are still replayed."""
+    listener = Recorder(accept=False)
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run")
+    Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0)).handle(
+        {"type": "message", "data": payload}
+    )
+    assert (cursor.epoch, cursor.last) == (b"e", EntryId(5, 0))
+    assert [kind for kind, _ in listener.events] == ["message"]
+    assert cursor.plan(b"e", [(EntryId(5, 0), b"a"), (EntryId(6, 0), b"b")], "run") == [b"b"]
+
+
+def test_a_rejected_entry_in_a_replay_moves_the_cursor_only_along_the_log() -> None:
+    """A replayed entry is placed by the log's own order (Redis assigns the ids), not by what
+    it holds: an entry whose message is itself a forged envelope (another epoch, a far-future
+    id) leaves the epoch alone and the cursor at the last entry read."""
+    forged = envelope(b"evil", "99999999999999-0", b"forged")
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run")
+    log = [(EntryId(5, 0), b"a"), (EntryId(6, 0), forged), (EntryId(7, 0), b"c")]
+    assert cursor.plan(b"e", log, "run") == [forged, b"c"]
+    assert (cursor.epoch, cursor.last) == (b"e", EntryId(7, 0))
+    # reconciliation: the same, and the epoch is the log's epoch key, never a message's
+    log.append((EntryId(8, 0), forged))
+    assert reconcile(cursor, (b"e", EntryId(8, 0)), lambda _: log[2:]) == [forged]
+    assert (cursor.epoch, cursor.last) == (b"e", EntryId(8, 0))
+
+
+def test_a_message_rejected_live_is_not_counted_again_when_reconciled() -> None:
+    """A forgery published through the log is rejected live (counted once) and, since it did
+    not move the cursor, met again by reconciliation: it is not handed on a second time. An
+    entry with the same id but other bytes (the live copy was forged) still is."""
+    listener = Recorder(accept=False)
+    cursor = Cursor()
+    cursor.reset(b"e", EntryId(5, 0), "run")
+    receiver = Receiver(listener, cursor, Heartbeat(1.0, 2.0, 0.0))
+    receiver.handle({"type": "message", "data": envelope(b"e", "6-0", b"forged")})
+    receiver.handle({"type": "message", "data": envelope(b"e", "7-0", b"spoofed copy")})
+    log = [(EntryId(5, 0), b"a"), (EntryId(6, 0), b"forged"), (EntryId(7, 0), b"genuine")]
+    assert reconcile(cursor, (b"e", EntryId(7, 0)), lambda _: log) == [b"genuine"]
+    assert cursor.last == EntryId(7, 0)
+    assert cursor.plan(b"e", log[2:], "run") == []  # nothing left over for a later replay

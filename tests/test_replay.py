@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from nearcache import AsyncNearCache, NearCache
-from nearcache._backplane.redis import log_keys
+from nearcache._backplane.redis import log_keys, publish_messages
 from nearcache._core.codec import Invalidation, Kind, encode
+from nearcache._core.log import parse_entries
 from tests.servers import RedisServer, TcpProxy, wait_until
 
 
@@ -194,3 +195,105 @@ def test_reconciliation_finds_a_lost_last_message(
             await run(b.close() if driver == "sync" else b.aclose())
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_forgery_rejected_live_is_counted_once_when_reconciled(
+    redis_server: RedisServer, channel: str, driver: str
+) -> None:
+    """An unsigned message published through the log to signed instances is rejected live
+    and, being the log's last entry, met again by reconciliation: it is counted once, moves
+    nothing but the cursor (along the log), and a genuine message still applies with no loss
+    and no gap (issue 8: the same forgery used to be counted twice)."""
+    kwargs: dict[str, Any] = {"channel": channel, "reconcile_interval": 0.2, "secret": "s"}
+
+    async def scenario() -> None:
+        async def run(value: Any) -> Any:
+            return await value if inspect.isawaitable(value) else value
+
+        async def until(condition: Callable[[], bool]) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not condition():
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+
+        a = NearCache(redis_server.url, **kwargs)
+        b: Any = (
+            NearCache(redis_server.url, **kwargs)
+            if driver == "sync"
+            else AsyncNearCache(redis_server.url, **kwargs)
+        )
+        if driver == "async":
+            await b.start()
+        try:
+            await until(lambda: _connected(a) and _connected(b))
+            a.remove("warm-up")
+            a.flush()
+            await until(lambda: b.stats().invalidations_received == 1)
+            await run(b.set("k", 1))
+            await run(b.flush())  # the forgery must be the log's last entry
+            raw = redis_server.client()
+            forged = encode(b"F" * 16, 1, [Invalidation(Kind.KEY, None, "k")])
+            publish_messages(raw, b.channel, [forged], 10_000)
+            forged_id = parse_entries(raw.xrevrange(log_keys(b.channel)[0], count=1))[0][0]
+            raw.close()
+            cursor = b._backplane._cursor
+            await until(lambda: cursor.last == forged_id)  # reconciliation went past it
+            assert b.stats().malformed_messages == 1
+            assert await run(b.get("k")) == 1
+            a.remove("k")
+            a.flush()
+            await until(lambda: b.stats().invalidations_received == 2)
+            stats = b.stats()
+            assert (stats.losses, stats.sequence_gaps, stats.repairs) == (0, 0, 1)
+        finally:
+            a.close()
+            await run(b.close() if driver == "sync" else b.aclose())
+
+    asyncio.run(scenario())
+
+
+def test_a_forgery_replayed_after_a_reconnect_is_counted_once_and_changes_nothing(
+    redis_server: RedisServer, tcp_proxy: Callable[[int], TcpProxy], channel: str
+) -> None:
+    """A forged entry logged while B was partitioned is replayed with the genuine ones when B
+    reconnects: counted once, L1 kept, and the genuine sender's next message is no gap."""
+    proxy = tcp_proxy(redis_server.port)
+    with (
+        NearCache(redis_server.url, channel=channel, secret="s") as a,
+        NearCache(
+            f"127.0.0.1:{proxy.port},connectTimeout=1000",
+            channel=channel,
+            max_staleness=10,
+            secret="s",
+        ) as b,
+    ):
+        wait_until(lambda: _connected(a) and _connected(b))
+        _warm_up(a, b)
+        b.set("kept", 1)
+        proxy.stall()
+        raw = redis_server.client()
+        # Signed with the wrong secret, naming A as its sender with a far higher sequence.
+        forged = encode(
+            bytes.fromhex(a.instance_id),
+            1000,
+            [Invalidation(Kind.CLEAR)],
+            signing_key=("k1", b"wrong"),
+        )
+        publish_messages(raw, b.channel, [forged], 10_000)
+        raw.close()
+        a.remove("gone")
+        a.flush()
+        before = b.stats()
+        proxy.cut()
+        proxy.resume()
+        wait_until(lambda: b.stats().replays > before.replays, 15)
+        after = b.stats()
+        assert after.malformed_messages == before.malformed_messages + 1
+        assert after.repairs == before.repairs
+        assert b.get("kept") == 1
+        a.remove("next")
+        a.flush()
+        wait_until(lambda: b.stats().invalidations_received == after.invalidations_received + 1)
+        assert b.stats().sequence_gaps == 0
+        assert b.stats().malformed_messages == after.malformed_messages

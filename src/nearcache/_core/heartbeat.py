@@ -94,6 +94,8 @@ class Receiver:
                 cursor.advance(envelope)
                 if changed:
                     self._listener.on_loss("the log's epoch changed: Redis lost its data")
+            else:
+                cursor.rejected(envelope)
             return False
         if kind == "pong":
             sent = self._heartbeat.pong(message["data"])

@@ -21,6 +21,7 @@ No I/O here: the backplanes read the log and call these decisions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 ENVELOPE_MAGIC = b"NL"
+# Live messages rejected ahead of the cursor that are remembered so that meeting them again in
+# the log does not count them twice; past this many (a flood of forgeries) they are not.
+REJECTED_REMEMBERED = 256
 
 # KEYS[1] log stream, KEYS[2] epoch key. ARGV[1] channel, ARGV[2] max log length,
 # ARGV[3] a fresh random epoch to use if none exists, ARGV[4...] messages.
@@ -158,6 +162,11 @@ class Cursor:
         # cursor's position, which an envelope (unsigned: Redis writes it) could push ahead.
         self._replayed: set[EntryId] = set()
         self._replayed_max: EntryId | None = None
+        # Live envelopes ahead of the cursor whose message was rejected: entry id -> digest of
+        # the message. Reconciliation or a replay that meets the same bytes at that id in the
+        # log skips them (they would be rejected again, and counted twice); other bytes at that
+        # id (the live copy was a forgery) are replayed as usual.
+        self._rejected: dict[EntryId, bytes] = {}
 
     def saw_bare_message(self) -> None:
         """Someone publishes without the log: what they send during an outage cannot be
@@ -177,6 +186,16 @@ class Cursor:
             self._replayed.clear()  # live messages have caught up with the replay
         return True
 
+    def rejected(self, envelope: Envelope) -> None:
+        """A live envelope's message was rejected (it moves nothing): remember it, so that the
+        same entry met in the log is not handed on, and counted, a second time."""
+        if (
+            envelope.epoch == self.epoch
+            and (self.last is None or envelope.entry > self.last)
+            and len(self._rejected) < REJECTED_REMEMBERED
+        ):
+            self._rejected[envelope.entry] = _digest(envelope.message)
+
     def epoch_changed(self, envelope: Envelope) -> bool:
         """Whether this envelope reveals that Redis lost its log (a new epoch)."""
         return self.epoch is not None and envelope.epoch != self.epoch
@@ -185,8 +204,11 @@ class Cursor:
         """Record that ``envelope`` was applied."""
         if envelope.epoch != self.epoch:
             self.epoch, self.last = envelope.epoch, envelope.entry
+            self._rejected.clear()
         elif self.last is None or envelope.entry > self.last:
             self.last = envelope.entry
+            if self._rejected:
+                self._forget_rejected()
 
     def plan(
         self,
@@ -220,10 +242,17 @@ class Cursor:
         included), moving the cursor to the end; None if they do not start at the cursor."""
         if entries is None or not entries or entries[0][0] != self.last:
             return None  # the cursor's own entry is gone: trimmed past it, or a lost tail
-        replay = [message for entry, message in entries[1:]]
+        rejected = self._rejected
+        replay = [
+            message
+            for entry, message in entries[1:]
+            if not rejected or rejected.get(entry) != _digest(message)
+        ]
         self._replayed = {entry for entry, _ in entries}
         self._replayed_max = entries[-1][0]
         self.last = entries[-1][0]
+        if rejected:
+            self._forget_rejected()
         return replay
 
     def position(self) -> tuple[bytes, str] | None:
@@ -235,9 +264,16 @@ class Cursor:
             return None
         return epoch, str(last)
 
+    def _forget_rejected(self) -> None:
+        """Drop remembered rejections the cursor has passed: the log is never read there
+        again."""
+        last = self.last
+        self._rejected = {e: d for e, d in self._rejected.items() if last is None or e > last}
+
     def reset(self, epoch: bytes, last: EntryId | None, server: str | None = None) -> None:
         """Start over at the log's current end (after L1 was dropped)."""
         self._replayed.clear()
+        self._rejected.clear()
         self.epoch = epoch
         self.last = last
         if server is not None:
@@ -268,6 +304,11 @@ def reconcile(
     if replay is None:
         cursor.reset(epoch, last)
     return replay
+
+
+def _digest(message: bytes) -> bytes:
+    """Identifies a message's bytes (a forger cannot make other bytes match it)."""
+    return hashlib.blake2b(message, digest_size=16).digest()
 
 
 def parse_entries(page: Any) -> list[tuple[EntryId, bytes]]:
