@@ -390,3 +390,30 @@ def test_on_invalidation_reports_what_others_invalidate(
     wait_until(lambda: len(seen) == 3)
     assert b.stats().listener_errors == 2
     assert a.stats().listener_errors == 0
+
+
+def test_an_idle_sender_says_farewell_and_goes_on_under_a_new_id(
+    driver: Driver, pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After SENDER_IDLE without publishing, A says farewell (an empty message) and takes a
+    new id; B sees no gap, keeps its L1, and A's next invalidation reaches it."""
+    from nearcache._core import cache as core_module
+
+    monkeypatch.setattr(core_module, "SENDER_IDLE", 0.2)
+    a, b = pair
+    run = driver.run
+    run(a.remove("warm-up"))
+    run(a.flush())
+    wait_until(lambda: b.stats().invalidations_received == 1)
+    first_id = a.instance_id
+    run(b.set("kept", 1))
+    run(b.flush())
+    wait_until(lambda: a.instance_id != first_id)  # the farewell was acknowledged
+    wait_until(lambda: b.stats().messages_received == 2)  # ...and received
+    run(b.set("k", "v"))
+    run(a.remove("k"))
+    run(a.flush())
+    wait_until(lambda: run(b.get("k", MISSING)) is MISSING)
+    assert run(b.get("kept")) == 1
+    stats = b.stats()
+    assert (stats.sequence_gaps, stats.invalidations_received) == (0, 2)

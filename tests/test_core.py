@@ -10,6 +10,8 @@ import pytest
 from nearcache._core.cache import (
     BATCH_MAX_OPS,
     MESSAGE_MAX_OPS,
+    SENDER_IDLE,
+    SENDER_MEMORY,
     CacheCore,
     CacheOptions,
     CacheStats,
@@ -252,6 +254,142 @@ def test_a_rejected_message_never_moves_its_senders_sequence(
     core.receive(message(3, signing=("k", b"s")))  # message 2 never arrived
     assert core.stats.sequence_gaps == 1
     assert core.stats.malformed_messages == 1
+
+
+# -- forgetting senders (docs/protocol.md, "Sender id and sequence numbers") -------------------
+
+
+def _confirmed_core(clock: FakeClock) -> CacheCore:
+    core = make_core(clock)
+    core.subscribed(clock(), complete=False)
+    core.confirmed(clock())
+    return core
+
+
+def _idle(core: CacheCore, clock: FakeClock, seconds: float) -> None:
+    """Let ``seconds`` pass with heartbeats confirming every second."""
+    for _ in range(int(seconds)):
+        clock.advance(1.0)
+        core.confirmed(clock())
+
+
+def test_a_forgotten_sender_that_comes_back_shows_its_gap(clock: FakeClock) -> None:
+    """Forgetting opens no hole: a sender silent for SENDER_MEMORY is forgotten (within an
+    eighth of it more), and its next message (whose predecessor this instance never got)
+    counts as a gap and repairs."""
+    core = _confirmed_core(clock)
+    core.receive(message(1))
+    _idle(core, clock, SENDER_MEMORY * 1.13)
+    assert core.senders == 0
+    fill(core, "a")
+    core.receive(message(3))  # message 2 was lost
+    assert core.stats.sequence_gaps == 1
+    assert not held(core, "a")
+
+
+def test_a_sender_heard_within_sender_memory_is_remembered(clock: FakeClock) -> None:
+    """A sender heard SENDER_MEMORY - 1 seconds ago is kept: its next message is no gap."""
+    core = _confirmed_core(clock)
+    core.receive(message(1))
+    _idle(core, clock, SENDER_MEMORY - 1)
+    assert core.senders == 1
+    fill(core, "a")
+    core.receive(message(2))
+    assert core.stats.sequence_gaps == 0
+    assert held(core, "a")
+
+
+def test_nothing_is_forgotten_while_no_heartbeat_confirms(clock: FakeClock) -> None:
+    """Forgetting runs on confirmed time: during an outage the clock moves but nothing is
+    forgotten, so a replay after it finds every sender (no needless repair)."""
+    core = _confirmed_core(clock)
+    core.receive(message(1))
+    clock.advance(SENDER_MEMORY * 3)  # disconnected: no confirmation
+    fill(core, "a")
+    core.receive(message(2))  # replayed from the log
+    core.subscribed(clock(), complete=True)
+    assert core.stats.sequence_gaps == 0
+    assert held(core, "a")
+
+
+def test_an_unknown_sender_is_a_gap_only_once_the_table_is_old_enough(clock: FakeClock) -> None:
+    """Right after a reset, a sender's first message may have any sequence number (what it
+    sent before is covered by the repair). Once the table has been complete for
+    SENDER_MEMORY, a sender that is not in it and is not at sequence 1 lost a message here:
+    its previous one was published at most SENDER_IDLE earlier."""
+    core = _confirmed_core(clock)
+    core.receive(message(40, sender=OTHER))
+    assert core.stats.sequence_gaps == 0
+    _idle(core, clock, SENDER_MEMORY + 2)
+    core.receive(message(1, sender=THIRD))
+    assert core.stats.sequence_gaps == 0
+    core.receive(message(7, sender=b"\x04" * 16))
+    assert core.stats.sequence_gaps == 1
+
+
+def _send(sender: CacheCore) -> list[bytes]:
+    taken = sender.take_ops()
+    payloads = sender.encode_batch(taken)
+    sender.batch_sent(payloads, taken)
+    return payloads
+
+
+def test_an_idle_sender_says_farewell_and_takes_a_new_id(clock: FakeClock) -> None:
+    """SENDER_IDLE after its last batch a sender publishes one empty message with its next
+    sequence number, then sends under a new id from 1: receivers see no gap and never meet
+    the old id again; the farewell's echo still counts as the sender's own."""
+    sender = make_core(clock, instance_id=OTHER)
+    receiver = _confirmed_core(clock)
+    assert sender.next_send() is None  # nothing sent yet: no farewell to say
+    sender.local(key("a"))
+    for payload in _send(sender):
+        receiver.receive(payload)
+    assert sender.next_send() == SENDER_IDLE
+    clock.advance(SENDER_IDLE)
+    assert sender.next_send() == 0
+    farewell = _send(sender)
+    assert [(decode(p).sender, decode(p).sequence, decode(p).operations) for p in farewell] == [
+        (OTHER, 2, ())
+    ]
+    assert sender.instance_id != OTHER and sender.next_send() is None
+    assert sender.receive(farewell[0]) and sender.stats.own_messages == 1
+    receiver.receive(farewell[0])
+    sender.local(key("b"))
+    (payload,) = _send(sender)
+    assert (decode(payload).sender, decode(payload).sequence) == (sender.instance_id, 1)
+    _idle(receiver, clock, SENDER_MEMORY * 1.2)  # the old id is forgotten meanwhile
+    receiver.receive(payload)
+    assert receiver.stats.sequence_gaps == 0
+    assert receiver.store.stats().repairs == 1  # only the first subscription's
+
+
+def test_the_farewell_shows_a_lost_last_message(clock: FakeClock) -> None:
+    """A sender's last message lost before it fell silent is found at its farewell, not
+    hidden by the new id."""
+    sender = make_core(clock, instance_id=OTHER)
+    receiver = _confirmed_core(clock)
+    sender.local(key("a"))
+    for payload in _send(sender):
+        receiver.receive(payload)
+    sender.local(key("b"))
+    _send(sender)  # lost on the way to this receiver
+    clock.advance(SENDER_IDLE)
+    fill(receiver, "b")
+    for payload in _send(sender):
+        receiver.receive(payload)
+    assert receiver.stats.sequence_gaps == 1
+    assert not held(receiver, "b")
+
+
+def test_a_busy_sender_keeps_its_id(clock: FakeClock) -> None:
+    """A sender that publishes at least every SENDER_IDLE seconds never says farewell."""
+    sender = make_core(clock, instance_id=OTHER)
+    for i in range(5):
+        sender.local(key(i))
+        _send(sender)
+        clock.advance(SENDER_IDLE - 1)
+        assert sender.next_send() == 1
+    assert sender.instance_id == OTHER
 
 
 def test_incomplete_subscription_clears_l1_and_forgets_senders(clock: FakeClock) -> None:

@@ -255,3 +255,29 @@ def test_close_from_an_on_invalidation_callback_neither_waits_nor_blocks_the_cac
         assert closed.wait(4.0), "close() from a callback waited for a join timeout"
         wait_until(lambda: not any(t is not None and t.is_alive() for t in threads))
         assert reader.state.value == "closed"
+
+
+# -- issue 8, defect 4: the per-sender sequence table only grew --------------------------------
+
+
+def test_departed_senders_are_forgotten() -> None:
+    """One entry per sender ever heard from, cleared only by a repair: a fleet that recycles
+    its workers leaked about 100 B per worker in every instance. Senders silent for
+    SENDER_MEMORY seconds of confirmed time are now forgotten (and the live ones kept)."""
+    from nearcache._core.codec import encode
+    from tests.clock import FakeClock
+
+    sender_memory = 600.0  # SENDER_MEMORY
+
+    clock = FakeClock(100.0)
+    core = CacheCore(CacheOptions(), clock=clock, instance_id=b"R" * 16, networked=True)
+    core.subscribed(clock(), complete=False)
+    for worker in range(1000):
+        core.receive(encode(worker.to_bytes(16, "big"), 1, [Invalidation(Kind.CLEAR)]))
+    live = b"L" * 16
+    for sequence in range(1, 40):
+        clock.advance(sender_memory / 30)
+        core.receive(encode(live, sequence, []))
+        core.confirmed(clock())
+    assert len(core._senders) == 1
+    assert core.stats.sequence_gaps == 0

@@ -237,7 +237,7 @@ def test_a_forgery_rejected_live_is_counted_once_when_reconciled(
             publish_messages(raw, b.channel, [forged], 10_000)
             forged_id = parse_entries(raw.xrevrange(log_keys(b.channel)[0], count=1))[0][0]
             raw.close()
-            cursor = b._backplane._cursor
+            cursor = b._backplane._subscription.cursor
             await until(lambda: cursor.last == forged_id)  # reconciliation went past it
             assert b.stats().malformed_messages == 1
             assert await run(b.get("k")) == 1

@@ -22,6 +22,7 @@ from nearcache._exceptions import (
     FlushTimeoutError,
     MessageError,
     NearCacheError,
+    PublishRefusedError,
     SerializationError,
 )
 from nearcache._typing import (
@@ -62,6 +63,7 @@ __all__ = [
     "NearCache",
     "NearCacheError",
     "PickleSerializer",
+    "PublishRefusedError",
     "RedisSettings",
     "SafeSerializer",
     "SerializationError",

@@ -6,7 +6,9 @@ NearCacheError
 ├── CacheClosedError          the cache was closed; it refuses further use
 ├── BackplaneError            the backplane could not do what was asked
 │   ├── BackplaneUnavailableError   Redis unreachable (abortConnect=True at start)
-│   └── FlushTimeoutError           flush() ran out of time before Redis acknowledged
+│   ├── FlushTimeoutError           flush() ran out of time before Redis acknowledged
+│   └── PublishRefusedError         Redis answers every publish with an error (an ACL
+│                                   without the commands, out of memory, a script refused)
 ├── MessageError              a backplane message could not be decoded (counted, never raised
 │                             out of a listener)
 └── SerializationError        a value could not be serialized for L2 or an update message
@@ -29,6 +31,7 @@ __all__ = [
     "FlushTimeoutError",
     "MessageError",
     "NearCacheError",
+    "PublishRefusedError",
     "SerializationError",
 ]
 
@@ -70,6 +73,23 @@ class FlushTimeoutError(BackplaneError, TimeoutError):
 
     def __init__(self, message: str, *, pending: int) -> None:
         super().__init__(message)
+        self.pending = pending
+
+
+class PublishRefusedError(BackplaneError):
+    """Redis answered a publish with an error reply (``NOPERM``, ``OOM``, a script error):
+    retrying will not help until an operator acts.
+
+    ``flush()`` raises it as soon as the latest publish attempt was refused, instead of
+    waiting for its timeout; ``reply`` is Redis's error text and ``pending`` the number of
+    invalidations still queued (they are kept, retried, and delivered once Redis accepts
+    them). Raised at start with ``abortConnect=True`` when the Redis user lacks a command the
+    publish script needs (checked with ACL rules where Redis can, 7.0 and later).
+    """
+
+    def __init__(self, message: str, *, reply: str, pending: int = 0) -> None:
+        super().__init__(message)
+        self.reply = reply
         self.pending = pending
 
 

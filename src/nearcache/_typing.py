@@ -63,6 +63,11 @@ class BackplaneListener(Protocol):
     def on_state(self, state: BackplaneState, reason: str | None) -> None:
         """The backplane changed state (``reason`` says why it left CONNECTED)."""
 
+    def on_publish_refused(self, reason: str) -> None:
+        """A check found that Redis will refuse this cache's publishes (an ACL without a
+        command the publish script needs), before any publish was attempted. Backplanes
+        that cannot check never call it."""
+
 
 @runtime_checkable
 class Backplane(Protocol):

@@ -1,25 +1,21 @@
 """The Redis Pub/Sub backplane for the threaded driver.
 
-One listener thread owns the subscriber connection. It subscribes, then pings the server on
-that same connection every ``heartbeat`` seconds: Redis answers a PING in order with the
-messages it pushed before, so a pong proves that every message published before the PING was
-sent has been received (``on_confirmed``). A pong that does not come within
-``heartbeat_timeout`` means a silent stall: the connection is dropped and a new one subscribed.
+A listener thread runs the core's subscription flow (``_core/subscription.py``: subscribe,
+resync with the replay log, heartbeat, reconcile) with blocking redis-py calls; the asyncio
+backplane (``aioredis.py``) runs the same flow as a task. What this module adds is only I/O:
+the two connections, :meth:`RedisBackplane._execute` (one redis-py call per command the flow
+yields), the thread, and shutting the subscriber socket down to wake a blocking read on close.
 
-Publishing goes through the replay log (``_log``): one Lua script appends each message to a
-capped stream and publishes it. After every new subscription the listener reads the log from
-its cursor and replays what it missed, so L1 survives a reconnect; only when the log cannot
-cover the gap (trimmed past the cursor, new epoch) is L1 dropped. Every ``reconcile`` seconds
-the listener also compares the log's tail with its cursor, so a message lost while the
-subscription stayed up is found without waiting for a later one. redis-py's own retries and
-silent resubscription are switched off: a lost connection must never go unnoticed.
+Publishing is one command too (:func:`~nearcache._core.log.publish_command`: the publish
+script through the replay log, or plain ``PUBLISH``), run by :func:`execute`, which operator
+tools (``nearcache invalidate``) share through :func:`publish_messages`. redis-py's own
+retries and silent resubscription are switched off: a lost connection must never go
+unnoticed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import random
 import socket
 import threading
 import time
@@ -32,27 +28,52 @@ from redis.retry import Retry
 
 from nearcache._cancellation import STOP_GRACE
 from nearcache._config import RedisSettings
-from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
-from nearcache._core.log import (
-    EPOCH_SCRIPT,
-    PUBLISH_SCRIPT,
-    Cursor,
-    EntryId,
-    log_keys,
-    new_epoch,
-    parse_entries,
-    publish_script_call,
-    reconcile,
+from nearcache._core.commands import (
+    Call,
+    Command,
+    ConnectionLost,
+    Disconnect,
+    ErrorReply,
+    Pause,
+    Ping,
+    Pipeline,
+    Receive,
+    RunScript,
+    Subscribe,
 )
-from nearcache._exceptions import BackplaneError
+from nearcache._core.log import Cursor, log_keys, new_epoch, publish_command, published_to
+from nearcache._core.subscription import REPLAY_PAGE, Subscription
+from nearcache._exceptions import BackplaneError, PublishRefusedError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
-__all__ = ["RedisBackplane", "log_keys", "make_client_kwargs", "new_epoch", "publish_messages"]
+__all__ = [
+    "REPLAY_PAGE",
+    "RedisBackplane",
+    "execute",
+    "failure",
+    "log_keys",
+    "make_client_kwargs",
+    "new_epoch",
+    "publish_error",
+    "publish_messages",
+]
 
-log = logging.getLogger("nearcache")
-_RECONNECT_MIN = 0.05
-_RECONNECT_MAX = 1.0  # below typical staleness bounds: L1 recovers soon after Redis
-REPLAY_PAGE = 1000
+
+def execute(client: Any, scripts: dict[str, Any], command: Call | RunScript | Pipeline) -> Any:
+    """Run one command of the command connection with blocking redis-py and return its
+    reply (``scripts`` caches the registered scripts by source)."""
+    if type(command) is Call:
+        return getattr(client, command.method)(*command.args)
+    if type(command) is RunScript:
+        script = scripts.get(command.source)
+        if script is None:
+            script = scripts[command.source] = client.register_script(command.source)
+        return script(keys=command.keys, args=command.args)
+    assert type(command) is Pipeline
+    with client.pipeline(transaction=False) as pipe:
+        for call in command.calls:
+            getattr(pipe, call.method)(*call.args)
+        return pipe.execute()
 
 
 def publish_messages(
@@ -60,23 +81,61 @@ def publish_messages(
     channel: str,
     payloads: Sequence[bytes],
     log_length: int,
-    script: Any = None,
+    scripts: dict[str, Any] | None = None,
 ) -> int:
     """Publish encoded messages in order, through the replay log unless ``log_length`` is 0,
     in one round trip; return how many subscribers received the last one. Used by the
     backplane and by operator tools, so both write the log the same way."""
-    if log_length:
-        if script is None:
-            script = client.register_script(PUBLISH_SCRIPT)
-        keys, args = publish_script_call(channel, log_length, payloads)
-        return int(script(keys=keys, args=args)[2])
-    if len(payloads) == 1:
-        return int(client.publish(channel, payloads[0]))
-    with client.pipeline(transaction=False) as pipe:
-        for payload in payloads:
-            pipe.publish(channel, payload)
-        counts = pipe.execute()
-    return int(counts[-1]) if counts else 0
+    command = publish_command(channel, log_length, payloads)
+    return published_to(command, execute(client, {} if scripts is None else scripts, command))
+
+
+# redis-py turns these replies into their own classes and drops the code from the message;
+# the cache needs the code back to tell "no" (NOPERM, OOM) from "not now" (READONLY, ...).
+_REPLY_CODES: tuple[tuple[type[Exception], str], ...] = tuple(
+    (kind, code)
+    for name, code in (
+        ("NoPermissionError", "NOPERM"),
+        ("OutOfMemoryError", "OOM"),
+        ("ReadOnlyError", "READONLY"),
+        ("NoScriptError", "NOSCRIPT"),
+        ("ExecAbortError", "EXECABORT"),
+        ("MasterDownError", "MASTERDOWN"),
+        ("TryAgainError", "TRYAGAIN"),
+        ("ClusterDownError", "CLUSTERDOWN"),
+        ("MovedError", "MOVED"),
+        ("AskError", "ASK"),
+        ("AuthenticationError", "WRONGPASS"),
+    )
+    if isinstance(kind := getattr(redis.exceptions, name, None), type)
+)
+
+
+def _reply(exc: redis.RedisError) -> str:
+    """Redis's error reply, its code first."""
+    code = next((code for kind, code in _REPLY_CODES if isinstance(exc, kind)), None)
+    return f"{code} {exc}" if code else str(exc)
+
+
+def failure(exc: Exception) -> Exception:
+    """A redis-py failure as the core's flows see it: :class:`ErrorReply` when Redis answered
+    with an error, :class:`ConnectionLost` when it did not answer; anything else as is (a
+    bug, which the flow logs)."""
+    if isinstance(exc, redis.ResponseError):
+        return ErrorReply(f"{type(exc).__name__}: {_reply(exc)}")
+    if isinstance(exc, (redis.RedisError, OSError)):
+        return ConnectionLost(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def publish_error(exc: Exception, channel: str, where: str) -> BackplaneError:
+    """The error a failed publish raises: :class:`PublishRefusedError` carrying Redis's
+    reply (its code first) when Redis answered with an error or refused the credentials,
+    else :class:`BackplaneError`. The cache decides from the reply what a retry may bring."""
+    message = f"publish to channel {channel!r} on {where} failed: {exc}"
+    if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):
+        return PublishRefusedError(message, reply=_reply(exc))
+    return BackplaneError(message)
 
 
 def make_client_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -97,6 +156,8 @@ class RedisBackplane:
         clock: monotonic seconds.
         heartbeat: seconds between pings on the subscriber connection.
         heartbeat_timeout: seconds without a pong before the connection counts as stalled.
+        log_length: the replay log's length (0: plain PUBLISH, no log).
+        reconcile: seconds between comparisons of the log's tail with this instance.
     """
 
     def __init__(
@@ -118,6 +179,7 @@ class RedisBackplane:
         kwargs = make_client_kwargs(settings)
         self._publisher = redis.Redis(**kwargs)
         self._subscriber_client = redis.Redis(**kwargs)
+        self._scripts: dict[str, Any] = {}
         self._state = BackplaneState.IDLE
         self._state_lock = threading.Lock()
         self._connected = threading.Event()
@@ -125,13 +187,10 @@ class RedisBackplane:
         self._pubsub: Any = None
         self._thread: threading.Thread | None = None
         self._listener: BackplaneListener | None = None
+        self._subscription: Subscription | None = None
+        self._cursor = Cursor()
         self._log_length = log_length
         self._reconcile = reconcile
-        self._log_key, self._epoch_key = log_keys(channel)
-        self._publish_script = self._publisher.register_script(PUBLISH_SCRIPT)
-        self._epoch_script = self._publisher.register_script(EPOCH_SCRIPT)
-        self._cursor = Cursor()
-        self.last_error: str | None = None
 
     @property
     def channel(self) -> str:
@@ -142,6 +201,11 @@ class RedisBackplane:
     def state(self) -> BackplaneState:
         """The current state."""
         return self._state
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the latest subscription failed, if one did."""
+        return None if self._subscription is None else self._subscription.last_error
 
     def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
         with self._state_lock:
@@ -158,6 +222,18 @@ class RedisBackplane:
     def start(self, listener: BackplaneListener) -> None:
         """Start the listener thread."""
         self._listener = listener
+        self._subscription = Subscription(
+            listener,
+            channel=self._channel,
+            clock=self._clock,
+            heartbeat=self._heartbeat,
+            heartbeat_timeout=self._heartbeat_timeout,
+            connect_timeout=self._settings.connect_timeout,
+            log_length=self._log_length,
+            reconcile=self._reconcile,
+            set_state=self._set_state,
+            cursor=self._cursor,
+        )
         self._set_state(BackplaneState.CONNECTING)
         self._thread = threading.Thread(
             target=self._run, name=f"nearcache-listener:{self._channel}", daemon=True
@@ -170,14 +246,11 @@ class RedisBackplane:
 
     def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
+        command = publish_command(self._channel, self._log_length, payloads)
         try:
-            return publish_messages(
-                self._publisher, self._channel, payloads, self._log_length, self._publish_script
-            )
+            return published_to(command, execute(self._publisher, self._scripts, command))
         except (redis.RedisError, OSError) as exc:
-            raise BackplaneError(
-                f"publish to channel {self._channel!r} on {self._settings.describe()} failed: {exc}"
-            ) from exc
+            raise publish_error(exc, self._channel, self._settings.describe()) from exc
 
     def log_position(self) -> tuple[bytes, str] | None:
         """The replay log position this subscriber has applied (``Cursor.position``)."""
@@ -223,131 +296,45 @@ class RedisBackplane:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    # -- the listener thread ------------------------------------------------------------------
+    # -- the listener thread: runs the subscription flow ----------------------------------
 
     def _run(self) -> None:
-        delay = _RECONNECT_MIN
-        listener = self._listener
-        assert listener is not None
-        while not self._closing.is_set():
-            pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
-            self._pubsub = pubsub
-            try:
-                as_of = self._subscribe(pubsub)
-                listener.on_subscribed(as_of, self._resync(listener))
-                self._set_state(BackplaneState.CONNECTED)
-                delay = _RECONNECT_MIN
-                self._listen(pubsub, listener)
-            except Exception as exc:  # any failure ends this subscription, never the listener
-                if self._closing.is_set():
-                    break
-                if not isinstance(exc, (redis.RedisError, OSError, StalledError, ValueError)):
-                    log.exception("nearcache: unexpected error in the listener; resubscribing")
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self._set_state(BackplaneState.DISCONNECTED, self.last_error)
-            finally:
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    pubsub.close()
-            # Full jitter keeps a fleet that lost Redis together from reconnecting in lockstep.
-            self._closing.wait(random.uniform(_RECONNECT_MIN, delay))
-            delay = min(delay * 2, _RECONNECT_MAX)
-
-    def _subscribe(self, pubsub: Any) -> float:
-        """Subscribe and wait for Redis to confirm; return when the SUBSCRIBE was sent."""
-        sent = self._clock()
-        pubsub.subscribe(self._channel)
-        deadline = sent + self._settings.connect_timeout
-        while True:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise StalledError(
-                    f"no subscribe confirmation within {self._settings.connect_timeout}s"
-                )
-            message = pubsub.get_message(timeout=remaining)
-            if message is not None and message["type"] == "subscribe":
-                return sent
-
-    # -- the replay log -------------------------------------------------------------------
-
-    def _resync(self, listener: BackplaneListener) -> bool:
-        """After subscribing: replay from the log what was missed. Return whether that made
-        L1 whole (False: the cache must drop it, and the cursor restarts at the log's end)."""
-        if not self._log_length:
-            return False
-        client = self._publisher
-        epoch = self._epoch_script(keys=[self._epoch_key], args=[new_epoch()])
-        entries = None
-        cursor = self._cursor
-        if cursor.last is not None and cursor.epoch == epoch:
-            entries = self._read_log(cursor.last)
-        server = self._server_id()
-        replay = cursor.plan(epoch, entries, server)
-        if replay is None:
-            tail = parse_entries(client.xrevrange(self._log_key, count=1))
-            cursor.reset(epoch, tail[0][0] if tail else None, server)
-            return False
-        for message in replay:
-            listener.on_message(message)
-        return True
-
-    def _server_id(self) -> str | None:
-        """Redis's run id (it changes on every restart), or None if INFO is not allowed."""
+        assert self._subscription is not None
+        flow = self._subscription.run()
+        reply: Any = None
+        failed: Exception | None = None
         try:
-            info = self._publisher.info("server")
-        except redis.ResponseError:
+            while not self._closing.is_set():
+                command = flow.send(reply) if failed is None else flow.throw(failed)
+                reply, failed = None, None
+                try:
+                    reply = self._execute(command)
+                except Exception as exc:
+                    failed = failure(exc)
+        finally:
+            flow.close()
+            self._disconnect()
+
+    def _execute(self, command: Command) -> Any:
+        kind = type(command)
+        if kind is Receive:  # the hot path first
+            return self._pubsub.get_message(timeout=command.timeout)  # type: ignore[union-attr]
+        if kind is Ping:
+            return self._pubsub.ping(command.token)  # type: ignore[union-attr]
+        if kind is Subscribe:
+            self._disconnect()
+            self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            return self._pubsub.subscribe(command.channel)  # type: ignore[union-attr]
+        if kind is Disconnect:
+            self._disconnect()
             return None
-        run_id = info.get("run_id")
-        return str(run_id) if run_id else None
+        if kind is Pause:
+            self._closing.wait(command.seconds)  # type: ignore[union-attr]
+            return None
+        return execute(self._publisher, self._scripts, command)  # type: ignore[arg-type]
 
-    def _read_log(self, start: EntryId) -> list[tuple[EntryId, bytes]] | None:
-        """The log's entries from ``start`` (inclusive) to its end, or None if too many."""
-        entries: list[tuple[EntryId, bytes]] = []
-        low = str(start)
-        while True:
-            page = parse_entries(self._publisher.xrange(self._log_key, min=low, count=REPLAY_PAGE))
-            entries.extend(page)
-            if len(page) < REPLAY_PAGE:
-                return entries
-            if len(entries) > self._log_length * 2:
-                return None
-            low = "(" + str(entries[-1][0])
-
-    def _log_tail(self) -> tuple[bytes, EntryId | None]:
-        """The log's epoch and last entry id, read on the command connection."""
-        with self._publisher.pipeline(transaction=False) as pipe:
-            pipe.get(self._epoch_key)
-            pipe.xrevrange(self._log_key, count=1)
-            epoch, tail = pipe.execute()
-        entries = parse_entries(tail)
-        return epoch or b"", entries[0][0] if entries else None
-
-    def _reconcile_now(
-        self, tail: tuple[bytes, EntryId | None], listener: BackplaneListener
-    ) -> None:
-        """A pong proved that everything published before the tail was read has arrived: if
-        the cursor is still behind the tail, messages were lost on a live subscription."""
-        replay = reconcile(self._cursor, tail, self._read_log)
-        if replay is None:
-            listener.on_loss("reconciliation: the log holds messages this instance never got")
-            return
-        for message in replay:
-            listener.on_message(message)
-
-    def _listen(self, pubsub: Any, listener: BackplaneListener) -> None:
-        heartbeat = Heartbeat(self._heartbeat, self._heartbeat_timeout, self._clock())
-        receiver = Receiver(listener, self._cursor, heartbeat)
-        next_reconcile = self._clock() + self._reconcile
-        checking: tuple[bytes, EntryId | None] | None = None
-        while not self._closing.is_set():
-            now = self._clock()
-            token = heartbeat.due(now)
-            if token is not None:
-                if self._log_length and checking is None and now >= next_reconcile:
-                    checking = self._log_tail()
-                    next_reconcile = now + self._reconcile
-                pubsub.ping(token)
-            message = pubsub.get_message(timeout=heartbeat.wait(now))
-            if message is not None and receiver.handle(message) and checking is not None:
-                self._reconcile_now(checking, listener)
-                checking = None
+    def _disconnect(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from nearcache._core.codec import Invalidation, Kind, decode, encode, split
 from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
+from nearcache._core.publishing import Publishing
 from nearcache._core.sharing import Sharing
 from nearcache._core.store import HIT_PATH, L1Store
 from nearcache._exceptions import ConfigurationError, MessageError
@@ -23,7 +26,10 @@ from nearcache._exceptions import ConfigurationError, MessageError
 __all__ = [
     "APPLY_LATENCY_BOUNDS",
     "PLAIN_KEY_TYPES",
+    "SENDER_IDLE",
+    "SENDER_MEMORY",
     "BackplaneStats",
+    "Batch",
     "CacheCore",
     "CacheOptions",
     "LatencyHistogram",
@@ -37,6 +43,13 @@ log = logging.getLogger("nearcache")
 MESSAGE_MAX_OPS = 256  # operations per message: a few KiB, one TCP segment or a handful
 BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messages)
 
+
+# A sender that has published nothing for SENDER_IDLE seconds says farewell (an empty message
+# with its next sequence number) and takes a new id; a receiver forgets a sender it has not
+# heard from for SENDER_MEMORY seconds of confirmed time. See docs/protocol.md, "Sender id and
+# sequence numbers", for why this neither hides a gap nor causes a needless repair.
+SENDER_IDLE = 60.0
+SENDER_MEMORY = 600.0
 
 MAX_INT_KEY_BITS = 13_000  # at most 3,914 decimal digits: well inside the wire format's 4,000
 
@@ -251,6 +264,16 @@ class LatencyHistogram:
         return LatencySnapshot(self.bounds, tuple(self.counts), self.sum)
 
 
+class Batch(NamedTuple):
+    """What the sender took: message-sized chunks of operations, the sequence number of the
+    first message, and the sender id they go out under."""
+
+    chunks: list[list[Invalidation]]
+    first: int
+    sender: bytes
+    farewell: bool = False
+
+
 class CacheCore:
     """Store + outbox + receive bookkeeping. Callers serialize every method but reads."""
 
@@ -262,6 +285,7 @@ class CacheCore:
         instance_id: bytes,
         networked: bool,
         sharing: Sharing | None = None,
+        channel: str = "",
     ) -> None:
         self.options = options
         self.clock = clock
@@ -275,12 +299,20 @@ class CacheCore:
             max_staleness=options.max_staleness if networked else math.inf,
         )
         self.outbox = Outbox(options.max_pending)
+        self.publishing = Publishing(channel, clock)
         self.stats = BackplaneStats()
         self.instance_id = instance_id
         self._signing = next(iter(options.secrets.items()), None)
         self._sequence = 0  # last message sequence number used
         self._batch_first_sequence = 0
-        self._senders: dict[bytes, int] = {}
+        self._last_taken = -math.inf  # when the latest batch under this id was taken
+        self._former_ids: tuple[bytes, ...] = ()  # ids this instance said farewell to
+        # Sender id -> (highest sequence seen, when last heard), for every sender heard since
+        # the table was last reset (``_senders_since``), minus the forgotten ones.
+        self._senders: dict[bytes, tuple[int, float]] = {}
+        self._senders_since = clock()
+        self._confirmed_at = -math.inf  # as_of of the latest confirmation
+        self._next_sweep = self._senders_since + SENDER_MEMORY / 8
         self.last_error: str | None = None
         # Called with each invalidation received from another instance, once applied: by
         # notify(), which the driver calls after releasing its lock, so that a callback may
@@ -355,24 +387,48 @@ class CacheCore:
 
     # -- sending ------------------------------------------------------------------------------
 
+    def next_send(self) -> float | None:
+        """When the sender has something to publish: 0 (now: invalidations wait, or this
+        id's farewell is due), in that many seconds (the farewell), or None (nothing until
+        the next invalidation)."""
+        if self.outbox.waiting:
+            return 0.0
+        if not self._sequence:
+            return None  # this id has published nothing: no farewell to say
+        return max(self._last_taken + SENDER_IDLE - self.clock(), 0.0)
+
     def take_batch(self) -> list[bytes]:
         """Take what waits in the outbox and encode it as messages (empty: nothing waits)."""
         return self.encode_batch(self.take_ops())
 
-    def take_ops(self) -> tuple[list[list[Invalidation]], int]:
-        """Take what waits (caller holds the lock): message-sized chunks and the sequence
-        number of the first; :meth:`encode_batch` may then run without the lock."""
+    def take_ops(self) -> Batch:
+        """Take what waits (caller holds the lock); :meth:`encode_batch` may then run
+        without the lock.
+
+        A sender id that published nothing for SENDER_IDLE seconds first says farewell: one
+        empty message with its next sequence number, after which (see :meth:`batch_sent`)
+        this instance publishes under a new id from sequence 1. Receivers that remember the
+        old id check the farewell's sequence number like any other, so a lost last message
+        still shows as a gap, and no receiver ever meets the old id again after forgetting
+        it (docs/protocol.md, "Sender id and sequence numbers").
+        """
+        now = self.clock()
+        if self._sequence and now - self._last_taken >= SENDER_IDLE:
+            first = self._batch_first_sequence = self._sequence + 1
+            self._sequence = first
+            return Batch([[]], first, self.instance_id, farewell=True)
+        self._last_taken = now
         chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
         first = self._batch_first_sequence = self._sequence + 1
         self._sequence += len(chunks)
-        return chunks, first
+        return Batch(chunks, first, self.instance_id)
 
-    def encode_batch(self, taken: tuple[list[list[Invalidation]], int]) -> list[bytes]:
+    def encode_batch(self, taken: Batch) -> list[bytes]:
         """Encode what :meth:`take_ops` took (reads only immutable state: no lock needed)."""
-        chunks, first = taken
+        chunks, first, sender, _ = taken
         try:
             return [
-                encode(self.instance_id, first + i, chunk, signing_key=self._signing)
+                encode(sender, first + i, chunk, signing_key=self._signing)
                 for i, chunk in enumerate(chunks)
             ]
         except (ValueError, UnicodeError) as exc:
@@ -383,30 +439,43 @@ class CacheCore:
             # Every reserved sequence number is used, so that receivers see no gap.
             clear = [Invalidation(Kind.CLEAR)]
             return [
-                encode(self.instance_id, first + i, clear, signing_key=self._signing)
+                encode(sender, first + i, clear, signing_key=self._signing)
                 for i in range(max(1, len(chunks)))
             ]
 
-    def encode_plans(
-        self, taken: tuple[list[list[Invalidation]], int]
-    ) -> tuple[list[MessagePlan], tuple[bytes, str] | None]:
+    def encode_plans(self, taken: Batch) -> tuple[list[MessagePlan], tuple[bytes, str] | None]:
         """:meth:`encode_batch` for a cache that shares values: the publish script's plans
         and the log position to check conflicting writes from (no lock needed)."""
         assert self.sharing is not None
-        chunks, first = taken
+        chunks, first, sender, _ = taken
         try:
-            return self.sharing.plans(chunks, first, self.instance_id)
+            return self.sharing.plans(chunks, first, sender)
         except (ValueError, UnicodeError) as exc:
             # As in encode_batch: a clear in its place, every reserved sequence number used.
             self.last_error = f"could not encode a batch, sent a clear instead: {exc}"
             clear = [Invalidation(Kind.CLEAR)]
-            return self.sharing.plans([clear] * max(1, len(chunks)), first, self.instance_id)
+            return self.sharing.plans([clear] * max(1, len(chunks)), first, sender)
 
-    def batch_sent(self, payloads: list[bytes]) -> None:
+    def batch_sent(self, payloads: list[bytes], taken: Batch | None = None) -> None:
         """The batch in flight was acknowledged by Redis."""
         self.stats.messages_sent += len(payloads)
         self.stats.invalidations_sent += self.outbox.in_flight
         self.outbox.commit()
+        self.publishing.succeeded()
+        if taken is not None and taken.farewell:
+            # Its echo may still be on its way: it must still count as this instance's own.
+            self._former_ids = (self.instance_id, *self._former_ids[:3])
+            self.instance_id = os.urandom(16)
+            self._sequence = 0
+
+    def publish_failed(self, exc: BaseException) -> float | None:
+        """A publish attempt of the batch in flight failed: count it and return the seconds
+        to wait before trying again, or None when the batch is dropped because a clear waits
+        behind it (then send the clear next)."""
+        self.stats.publish_failures += 1
+        self.last_error = str(exc)
+        delay = self.publishing.failed(exc, len(self.outbox))
+        return None if self.batch_superseded() else delay
 
     def batch_superseded(self) -> bool:
         """If a clear waits behind the batch in flight, drop the batch (its sequence numbers
@@ -438,16 +507,12 @@ class CacheCore:
             self.stats.malformed_messages += 1
             self.last_error = f"malformed message: {exc}"
             return False
-        if message.sender == self.instance_id:
+        if message.sender == self.instance_id or message.sender in self._former_ids:
             self.stats.own_messages += 1
             return True
         self.stats.messages_received += 1
-        last = self._senders.get(message.sender)
-        # Values are taken only from the next message of a known sender: a replayed or
-        # reordered one could carry an older value (it still evicts).
-        trusted = last is not None and message.sequence == last + 1
-        self._senders[message.sender] = max(message.sequence, last or 0)
-        if last is not None and message.sequence > last + 1:
+        gap, trusted = self._sequence_check(message.sender, message.sequence, arrived)
+        if gap:
             # A message of this sender never reached us while the subscription stayed up:
             # whatever it invalidated may be held here. Drop L1 (locally only).
             self.stats.sequence_gaps += 1
@@ -468,6 +533,44 @@ class CacheCore:
         if self.listeners:
             self.received.extend(message.operations)
         return True
+
+    def _sequence_check(self, sender: bytes, sequence: int, now: float) -> tuple[bool, bool]:
+        """Record a sender's message; return whether messages of it were missed before it
+        (a gap), and whether it is the next one of a sender known since L1 was last dropped
+        (only such a message's values are trusted: a replayed or reordered one could carry
+        an older value)."""
+        horizon = min(self._confirmed_at, now)
+        known = self._senders.get(sender)
+        if known is None:
+            # Not heard since the table was reset, or forgotten. Its previous message (if it
+            # is not its first) was published at most SENDER_IDLE before this one: once the
+            # table is older than SENDER_MEMORY, that message should be in it. (A forgotten
+            # sender never comes back under the same id without such a loss.)
+            last = 0
+            gap = sequence != 1 and horizon - self._senders_since > SENDER_MEMORY
+        else:
+            last = known[0]
+            gap = sequence > last + 1
+        self._senders[sender] = (max(sequence, last), now)
+        if now >= self._next_sweep:
+            self._forget_silent_senders(now)
+        return gap, known is not None and sequence == last + 1
+
+    def _forget_silent_senders(self, now: float) -> None:
+        """Forget senders not heard from for SENDER_MEMORY seconds before the latest
+        confirmation: a sender still using its id would have been heard since. (Confirmed
+        time, not the clock: while disconnected nothing is forgotten, so that what a replay
+        brings finds its senders.)"""
+        oldest = min(self._confirmed_at, now) - SENDER_MEMORY
+        silent = [sender for sender, (_, heard) in self._senders.items() if heard < oldest]
+        for sender in silent:
+            del self._senders[sender]
+        self._next_sweep = now + SENDER_MEMORY / 8
+
+    def _reset_senders(self) -> None:
+        """L1 was just dropped: what any sender sent before now no longer matters."""
+        self._senders.clear()
+        self._senders_since = self.clock()
 
     def notify(self) -> None:
         """Pass what :meth:`receive` applied to the ``on_invalidation`` callbacks. The driver
@@ -490,23 +593,34 @@ class CacheCore:
         so L1 is whole and current as of ``as_of``; otherwise messages may have been lost and
         L1 is dropped (locally: a repair is never broadcast)."""
         self.stats.resubscriptions += 1
+        self._confirmed_at = max(self._confirmed_at, as_of)
         if complete:
             self.stats.replays += 1
             self.store.confirm(as_of)
             return
-        self._senders.clear()
+        self._reset_senders()
         self.store.repair(as_of)
 
     def lost(self, reason: str) -> None:
         """Messages may have been lost on a live subscription: drop L1 locally."""
         self.stats.losses += 1
         self.last_error = reason
-        self._senders.clear()  # the repair covers whatever gap the next messages show
+        self._reset_senders()  # the repair covers whatever gap the next messages show
         self.store.repair()
 
     def confirmed(self, as_of: float) -> None:
         """Everything published before ``as_of`` has been applied here."""
         self.store.confirm(as_of)
+        if as_of > self._confirmed_at:
+            self._confirmed_at = as_of
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._forget_silent_senders(now)
+
+    @property
+    def senders(self) -> int:
+        """How many senders' sequence numbers are remembered."""
+        return len(self._senders)
 
 
 @dataclass(frozen=True)
@@ -515,7 +629,12 @@ class CacheStats:
 
     ``hits``/``misses`` count L1 reads; ``invalidations_sent``/``_received`` count operations
     on the backplane; ``pending`` is what waits in the outbox; ``repairs`` counts how often L1
-    was dropped because messages may have been lost (new subscription or sequence gap).
+    was dropped because messages may have been lost (new subscription or sequence gap);
+    ``publishing`` says how the latest publish attempt went (``"ok"``; ``"failing"``: no
+    answer, retried quickly; ``"refused"``: Redis answered with an error, see
+    ``publish_error``), ``publish_error`` is the latest publish failure;
+    ``senders`` is how many other instances' sequence numbers are remembered (those heard in
+    the last ten minutes).
     """
 
     entries: int
@@ -538,6 +657,9 @@ class CacheStats:
     replays: int
     losses: int
     publish_failures: int
+    publishing: str
+    publish_error: str | None
+    senders: int
     pending: int
     degraded_to_clear: int
     backplane: str
@@ -600,6 +722,9 @@ def snapshot(core: CacheCore, backplane_state: str) -> CacheStats:
         replays=bp.replays,
         losses=bp.losses,
         publish_failures=bp.publish_failures,
+        publishing=core.publishing.state.value,
+        publish_error=core.publishing.error,
+        senders=core.senders,
         pending=len(core.outbox),
         degraded_to_clear=core.outbox.degraded,
         backplane=backplane_state,

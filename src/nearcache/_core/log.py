@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from nearcache._core.commands import Call, Pipeline, RunScript
 from nearcache._exceptions import MessageError
 
 __all__ = [
@@ -35,11 +36,15 @@ __all__ = [
     "Cursor",
     "EntryId",
     "Envelope",
+    "epoch_script_call",
     "log_keys",
     "new_epoch",
     "parse_entries",
+    "parse_epoch_reply",
     "parse_id",
+    "publish_command",
     "publish_script_call",
+    "published_to",
     "reconcile",
     "unwrap",
 ]
@@ -71,14 +76,34 @@ redis.call('EXPIRE', KEYS[2], 604800)
 return {epoch, id, receivers}
 """
 
-# KEYS[1] epoch key. ARGV[1] a fresh random epoch to use if none exists. Returns the epoch.
+# KEYS[1] epoch key, KEYS[2] log stream. ARGV[1] a fresh random epoch to use if none exists,
+# ARGV[2] the channel. Returns {epoch, refused}: refused lists "COMMAND key-or-channel" for
+# each command publishing through the log needs that the user's ACL forbids (checked with
+# redis.acl_check_cmd, Redis 7.0 and later; always empty before).
 EPOCH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800)
   epoch = ARGV[1]
 end
-return epoch
+local refused = {}
+if redis.acl_check_cmd then
+  local needs = {
+    {'XADD', KEYS[2], 'MAXLEN', '~', '1', '*', 'm', 'x'},
+    {'PUBLISH', ARGV[2], 'x'},
+    {'SET', KEYS[1], 'x'},
+    {'EXPIRE', KEYS[2], '1'},
+    {'EXPIRE', KEYS[1], '1'},
+    {'XRANGE', KEYS[2], '-', '+'},
+    {'XREVRANGE', KEYS[2], '+', '-'},
+  }
+  for _, command in ipairs(needs) do
+    if not redis.acl_check_cmd(unpack(command)) then
+      refused[#refused + 1] = command[1] .. ' ' .. command[2]
+    end
+  end
+end
+return {epoch, refused}
 """
 
 
@@ -97,6 +122,42 @@ def publish_script_call(
 ) -> tuple[list[str], list[str | int | bytes]]:
     """The KEYS and ARGV of :data:`PUBLISH_SCRIPT` for these messages."""
     return list(log_keys(channel)), [channel, log_length, new_epoch(), *payloads]
+
+
+def publish_command(
+    channel: str, log_length: int, payloads: Sequence[bytes]
+) -> RunScript | Call | Pipeline:
+    """What publishing ``payloads`` in order takes, in one round trip: the publish script
+    (through the log), or a plain ``PUBLISH`` per message when ``log_length`` is 0. Its reply
+    goes to :func:`published_to`."""
+    if log_length:
+        keys, args = publish_script_call(channel, log_length, payloads)
+        return RunScript(PUBLISH_SCRIPT, keys, args)
+    if len(payloads) == 1:
+        return Call("publish", (channel, payloads[0]))
+    return Pipeline(tuple(Call("publish", (channel, payload)) for payload in payloads))
+
+
+def published_to(command: RunScript | Call | Pipeline, reply: Any) -> int:
+    """How many subscribers received the last message, from the reply to
+    :func:`publish_command`'s command."""
+    if isinstance(command, RunScript):
+        return int(reply[2])  # {epoch, last id, receivers}
+    if isinstance(command, Pipeline):
+        return int(reply[-1]) if reply else 0
+    return int(reply)
+
+
+def epoch_script_call(channel: str) -> tuple[list[str], list[str]]:
+    """The KEYS and ARGV of :data:`EPOCH_SCRIPT` for a wire channel."""
+    log_key, epoch_key = log_keys(channel)
+    return [epoch_key, log_key], [new_epoch(), channel]
+
+
+def parse_epoch_reply(reply: Any) -> tuple[bytes, list[str]]:
+    """The epoch and the refused commands from :data:`EPOCH_SCRIPT`'s reply."""
+    epoch, refused = reply
+    return bytes(epoch), [r.decode() if isinstance(r, bytes) else str(r) for r in refused or ()]
 
 
 class EntryId(NamedTuple):

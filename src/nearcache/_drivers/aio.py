@@ -40,6 +40,7 @@ from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
+    PublishRefusedError,
     SerializationError,
 )
 from nearcache._typing import AsyncBackplane, BackplaneState, Clock, Serializer
@@ -51,7 +52,6 @@ __all__ = ["AsyncNearCache"]
 
 log = logging.getLogger("nearcache")
 T = TypeVar("T")
-_RETRY_MIN, _RETRY_MAX = 0.05, 1.0
 
 
 class _Flight:
@@ -186,6 +186,7 @@ class AsyncNearCache:
             instance_id=os.urandom(16),
             networked=backplane is not None,
             sharing=sharing,
+            channel=channel,
         )
         self._store: Any = self._core.store
         # The hit path: an awaitable that completes at once, from the store's reader.
@@ -225,13 +226,22 @@ class AsyncNearCache:
                 self._wake.set()
             if self._abort_connect:
                 timeout = self._settings.connect_timeout if self._settings else 5.0
+                where = self._settings.describe() if self._settings else repr(backplane)
                 if not await backplane.wait_connected(timeout):
-                    where = self._settings.describe() if self._settings else repr(backplane)
                     reason = getattr(backplane, "last_error", None) or "no answer"
                     await self.aclose(timeout=0)
                     raise BackplaneUnavailableError(
                         f"could not subscribe to channel {self._channel!r} on {where} within "
                         f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
+                    )
+                refused = self._core.publishing.flush_error(0)
+                if refused is not None:
+                    await self.aclose(timeout=0)
+                    raise PublishRefusedError(
+                        f"Redis on {where} would refuse to publish on channel "
+                        f"{self._channel!r} ({refused.reply}); pass abortConnect=False to "
+                        "start anyway",
+                        reply=refused.reply,
                     )
 
     def _outbox_waiting(self) -> bool:
@@ -261,7 +271,7 @@ class AsyncNearCache:
             if self._started and self._backplane is not None and timeout > 0:
                 try:
                     await self.flush(timeout)
-                except FlushTimeoutError as exc:
+                except (FlushTimeoutError, PublishRefusedError) as exc:
                     log.warning(
                         "nearcache: closing channel %r with %d invalidations undelivered",
                         self._channel,
@@ -458,8 +468,10 @@ class AsyncNearCache:
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until Redis acknowledged every invalidation made so far on this instance.
 
-        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds, and
-        :class:`~nearcache.CacheClosedError` if the cache is closed meanwhile.
+        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds,
+        :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with an
+        error (see :meth:`NearCache.flush`), and :class:`~nearcache.CacheClosedError` if the
+        cache is closed meanwhile.
         """
         self._check_open()
         outbox = self._core.outbox
@@ -467,6 +479,9 @@ class AsyncNearCache:
         deadline = self._clock() + timeout
         while outbox.delivered < target:
             self._check_open()  # closed meanwhile: nothing more will be delivered
+            refused = self._core.publishing.flush_error(len(outbox))
+            if refused is not None:
+                raise refused
             assert self._progress is not None
             self._progress.clear()
             if not await wait_event(self._progress, deadline - self._clock()):
@@ -512,7 +527,8 @@ class AsyncNearCache:
 
     @property
     def instance_id(self) -> str:
-        """This instance's id on the backplane (hex)."""
+        """The sender id this instance publishes under (hex); a new one after a minute
+        without publishing (see docs/protocol.md, "Sender id and sequence numbers")."""
         return self._core.instance_id.hex()
 
     def stats(self) -> CacheStats:
@@ -535,36 +551,38 @@ class AsyncNearCache:
         assert backplane is not None and wake is not None and progress is not None
         core = self._core
         while True:
-            while core.outbox.waiting == 0:
+            while (wait := core.next_send()) != 0:
                 self._check_sending()
                 wake.clear()
-                await wake.wait()
+                if wait is None:
+                    await wake.wait()
+                else:  # until an invalidation, or this id's farewell
+                    await wait_event(wake, wait)
             self._check_sending()
+            taken = core.take_ops()
             if self._l2 is not None:
-                plans, since = core.encode_plans(core.take_ops())
+                plans, since = core.encode_plans(taken)
                 payloads = [plan.message for plan in plans]
             else:
-                payloads = core.take_batch()
-            delay = _RETRY_MIN
+                payloads = core.encode_batch(taken)
             while True:
                 try:
                     if self._l2 is not None:
-                        await self._l2.publish(plans, since, core.instance_id)
+                        await self._l2.publish(plans, since, taken.sender)
                     else:
                         await backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
                     self._check_sending()  # the failure is aclose cutting the connection
-                    core.stats.publish_failures += 1
-                    core.last_error = str(exc)
-                    if core.batch_superseded():
-                        payloads = []
+                    delay = core.publish_failed(exc)
+                    progress.set()  # flush() reports a refusal at once
+                    if delay is None:
+                        payloads = []  # superseded by a clear: send that instead
                         break
                     await asyncio.sleep(delay)
                     self._check_sending()
-                    delay = min(delay * 2, _RETRY_MAX)
             if payloads:
-                core.batch_sent(payloads)
+                core.batch_sent(payloads, taken)
             progress.set()
 
     def _check_sending(self) -> None:
@@ -659,3 +677,8 @@ class _Listener:
             log.warning(
                 "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
             )
+
+    def on_publish_refused(self, reason: str) -> None:
+        self._cache._core.publishing.refused_at_start(reason)
+        if self._cache._progress is not None:
+            self._cache._progress.set()

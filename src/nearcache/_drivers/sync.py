@@ -26,7 +26,6 @@ from nearcache._core.cache import (
 )
 from nearcache._core.codec import Invalidation, Kind, channel_name
 from nearcache._core.l2 import L2Options
-from nearcache._core.outbox import Outbox
 from nearcache._core.serializer import SafeSerializer
 from nearcache._core.sharing import new_sharing, sharing_options
 from nearcache._core.store import MISSING, Reservation
@@ -34,6 +33,7 @@ from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
+    PublishRefusedError,
     SerializationError,
 )
 from nearcache._typing import Backplane, BackplaneState, Clock, Serializer
@@ -45,7 +45,6 @@ __all__ = ["CacheState", "NearCache", "normalize_secrets"]
 
 log = logging.getLogger("nearcache")
 T = TypeVar("T")
-_RETRY_MIN, _RETRY_MAX = 0.05, 1.0
 
 
 class CacheState(enum.Enum):
@@ -236,6 +235,7 @@ class NearCache:
             instance_id=os.urandom(16),
             networked=networked,
             sharing=sharing,
+            channel=self._channel,
         )
         self._store: Any = self._core.store
         # The hit path: the store's reader itself (C when built), no Python frame between.
@@ -277,13 +277,21 @@ class NearCache:
         self._sender.start()
         if self._abort_connect and not in_child:  # never block fork() on the network
             timeout = self._settings.connect_timeout if self._settings else 5.0
+            where = self._settings.describe() if self._settings else repr(backplane)
             if not backplane.wait_connected(timeout):
-                where = self._settings.describe() if self._settings else repr(backplane)
                 reason = getattr(backplane, "last_error", None) or "no answer"
                 self.close(timeout=0)
                 raise BackplaneUnavailableError(
                     f"could not subscribe to channel {self._channel!r} on {where} within "
                     f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
+                )
+            refused = self._core.publishing.flush_error(0)
+            if refused is not None:
+                self.close(timeout=0)
+                raise PublishRefusedError(
+                    f"Redis on {where} would refuse to publish on channel {self._channel!r} "
+                    f"({refused.reply}); pass abortConnect=False to start anyway",
+                    reply=refused.reply,
                 )
 
     def _after_fork(self) -> None:
@@ -318,7 +326,7 @@ class NearCache:
         if self._backplane is not None and timeout > 0:
             try:
                 self.flush(timeout)
-            except FlushTimeoutError as exc:
+            except (FlushTimeoutError, PublishRefusedError) as exc:
                 log.warning(
                     "nearcache: closing channel %r with %d invalidations undelivered",
                     self._channel,
@@ -509,8 +517,10 @@ class NearCache:
     def flush(self, timeout: float = 5.0) -> None:
         """Block until Redis acknowledged every invalidation made so far on this instance.
 
-        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds; the
-        invalidations stay queued and are delivered once Redis is reachable.
+        Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds, and
+        :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with
+        an error (an ACL without the needed commands, out of memory); either way the
+        invalidations stay queued and are delivered once Redis accepts them.
         """
         deadline = self._clock() + timeout
         with self._cond:
@@ -518,6 +528,9 @@ class NearCache:
             outbox = self._core.outbox
             target = outbox.accepted
             while outbox.delivered < target:
+                refused = self._core.publishing.flush_error(len(outbox))
+                if refused is not None:
+                    raise refused
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     raise FlushTimeoutError(
@@ -564,7 +577,8 @@ class NearCache:
 
     @property
     def instance_id(self) -> str:
-        """This instance's id on the backplane (hex)."""
+        """The sender id this instance publishes under (hex); a new one after a minute
+        without publishing (see docs/protocol.md, "Sender id and sequence numbers")."""
         return self._core.instance_id.hex()
 
     def stats(self) -> CacheStats:
@@ -586,12 +600,11 @@ class NearCache:
         backplane = self._backplane
         assert backplane is not None
         core = self._core
-        outbox: Outbox = core.outbox
         while True:
             with self._cond:
-                while outbox.waiting == 0 and self._state is CacheState.OPEN:
-                    self._cond.wait()
-                if outbox.waiting == 0 or self.state is CacheState.CLOSED:
+                while (wait := core.next_send()) != 0 and self._state is CacheState.OPEN:
+                    self._cond.wait(wait)  # until an invalidation, or this id's farewell
+                if self.state is CacheState.CLOSED:
                     # Closed: close() waited for delivery as long as it was told to; a new
                     # publish now could open a connection after the backplane closed.
                     return
@@ -602,28 +615,26 @@ class NearCache:
                 payloads = [plan.message for plan in plans]
             else:
                 payloads = core.encode_batch(taken)
-            delay = _RETRY_MIN
             while True:
                 try:
                     if self._l2 is not None:
-                        self._l2.publish(plans, since, core.instance_id)
+                        self._l2.publish(plans, since, taken.sender)
                     else:
                         backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
                     with self._cond:
-                        core.stats.publish_failures += 1
-                        core.last_error = str(exc)
-                        if core.batch_superseded():
-                            payloads = []
+                        delay = core.publish_failed(exc)
+                        self._cond.notify_all()  # flush() reports a refusal at once
+                        if delay is None:
+                            payloads = []  # superseded by a clear: send that instead
                             break
                         if self._state is CacheState.CLOSED:
                             return
                         self._cond.wait(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
             with self._cond:
                 if payloads:
-                    core.batch_sent(payloads)
+                    core.batch_sent(payloads, taken)
                 self._cond.notify_all()
 
     # -- added by the framework integrations (kept here, at the end, as thin methods) ----
@@ -740,3 +751,9 @@ class _Listener:
             log.warning(
                 "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
             )
+
+    def on_publish_refused(self, reason: str) -> None:
+        cache = self._cache
+        with cache._cond:
+            cache._core.publishing.refused_at_start(reason)
+            cache._cond.notify_all()

@@ -15,13 +15,13 @@ from typing import Any
 
 import redis
 
-from nearcache._backplane.redis import make_client_kwargs
+from nearcache._backplane.redis import make_client_kwargs, publish_error
 from nearcache._config import RedisSettings
 from nearcache._core import l2
 from nearcache._core.codec import Key, Region
 from nearcache._core.log import new_epoch
 from nearcache._core.sharing import Breaker, Fill, Load, Loaded, Read, Release, Sharing, Wait
-from nearcache._exceptions import BackplaneError, MessageError
+from nearcache._exceptions import MessageError
 from nearcache._typing import Clock
 
 __all__ = ["RedisL2", "l2_client_kwargs"]
@@ -155,9 +155,7 @@ class RedisL2:
         try:
             reply = self._publish_script(keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:
-            raise BackplaneError(
-                f"publish to channel {self._channel!r} on {self._settings.describe()} failed: {exc}"
-            ) from exc
+            raise publish_error(exc, self._channel, self._settings.describe()) from exc
         self._sharing.stats.updates_fell_back += int(reply[3])
         return int(reply[2])
 

@@ -1,0 +1,99 @@
+"""What the I/O-free flows ask their Redis shell to do, and how its failures come back.
+
+A flow (the subscription in ``_core/subscription.py``, a publish in ``_core/log.py``) is a
+generator that yields these commands and receives each one's reply, or has the failure thrown
+in at the ``yield``. The threaded and the asyncio backplane each run it with one small
+``execute`` (a blocking or an awaited redis-py call per command), so every decision, and its
+order, is written once: the way httpx drives one ``Auth.auth_flow()`` from both its clients.
+
+Failures come back as :class:`ConnectionLost` (no answer: the connection failed or timed out)
+or :class:`ErrorReply` (Redis answered with an error), so that the core needs no redis-py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+__all__ = [
+    "Call",
+    "Command",
+    "ConnectionLost",
+    "Disconnect",
+    "ErrorReply",
+    "Pause",
+    "Ping",
+    "Pipeline",
+    "Receive",
+    "RunScript",
+    "Subscribe",
+]
+
+
+# -- on the subscriber connection ---------------------------------------------------------------
+
+
+class Subscribe(NamedTuple):
+    """Open a new subscriber connection and send ``SUBSCRIBE channel`` (no reply awaited: the
+    confirmation arrives through :class:`Receive`)."""
+
+    channel: str
+
+
+class Receive(NamedTuple):
+    """The next pushed message (a redis-py pub/sub dict), or None after ``timeout`` seconds."""
+
+    timeout: float
+
+
+class Ping(NamedTuple):
+    """Send ``PING token`` on the subscriber connection (the pong arrives through Receive)."""
+
+    token: str
+
+
+class Disconnect(NamedTuple):
+    """Close the subscriber connection, ignoring any error."""
+
+
+class Pause(NamedTuple):
+    """Wait ``seconds`` (a shell that is closing returns at once)."""
+
+    seconds: float
+
+
+# -- on the command connection ------------------------------------------------------------------
+
+
+class Call(NamedTuple):
+    """One command, by redis-py's method name with positional arguments; reply as redis-py
+    returns it (``Call("xrange", (key, "-", "+", 10))``)."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+
+class RunScript(NamedTuple):
+    """Run a Lua script (by its SHA, loading it first if Redis does not know it)."""
+
+    source: str
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+class Pipeline(NamedTuple):
+    """Several calls in one round trip (no transaction); the replies in order."""
+
+    calls: tuple[Call, ...]
+
+
+Command = Subscribe | Receive | Ping | Disconnect | Pause | Call | RunScript | Pipeline
+
+
+class ConnectionLost(Exception):
+    """A command got no answer: the connection failed, closed or timed out."""
+
+
+class ErrorReply(Exception):
+    """Redis answered a command with an error (``NOPERM``, ``OOM``, ``READONLY``, ...); the
+    message starts with Redis's error code."""

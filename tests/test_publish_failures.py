@@ -1,0 +1,182 @@
+"""Publishing that Redis refuses: visible at once and bounded, never silent (issue 8, defect 6).
+
+Against real servers: an ACL user without ``XADD`` (the publish script's stream append) and a
+server at ``maxmemory`` with ``noeviction``. Each test failed on the code before the fix,
+where a refused publish was retried every second forever without a log record, ``flush()``
+only timed out, and ``stats()`` showed a failure count at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from nearcache import AsyncNearCache, NearCache, PublishRefusedError
+from tests.conftest import DEFAULT_USER_PASSWORD
+from tests.servers import RedisServer, wait_until
+
+LIMITED_USER, LIMITED_PASSWORD = "no-xadd", "no-xadd-pass"
+
+
+@pytest.fixture
+def limited_user(acl_redis: RedisServer) -> Iterator[str]:
+    """A connection string for an ACL user allowed everything but XADD."""
+    admin = redis.Redis(host=acl_redis.host, port=acl_redis.port, password=DEFAULT_USER_PASSWORD)
+    admin.acl_setuser(
+        LIMITED_USER,
+        enabled=True,
+        passwords=[f"+{LIMITED_PASSWORD}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-xadd"],
+    )
+    yield f"{acl_redis.host}:{acl_redis.port},user={LIMITED_USER},password={LIMITED_PASSWORD}"
+    admin.acl_deluser(LIMITED_USER)
+    admin.close()
+
+
+class Driver:
+    """Runs the same steps on a NearCache or an AsyncNearCache (on a private loop)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.loop = asyncio.new_event_loop() if kind == "async" else None
+
+    def make(self, connection: str, **kwargs: Any) -> Any:
+        if self.loop is None:
+            return NearCache(connection, **kwargs)
+        cache = AsyncNearCache(connection, **kwargs)
+        self.run(cache.start())
+        return cache
+
+    def run(self, value: Any) -> Any:
+        if self.loop is not None and asyncio.iscoroutine(value):
+            return self.loop.run_until_complete(value)
+        return value
+
+    def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Poll ``condition`` with a deadline, letting the loop run meanwhile."""
+        if self.loop is None:
+            wait_until(condition, timeout)
+            return
+
+        async def poll() -> None:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not condition():
+                assert asyncio.get_running_loop().time() < deadline, "condition not met"
+                await asyncio.sleep(0.01)
+
+        self.run(poll())
+
+    def close(self, cache: Any) -> None:
+        self.run(cache.aclose() if self.kind == "async" else cache.close())
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    d = Driver(request.param)
+    yield d
+    d.stop()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "nearcache" and r.levelno >= logging.ERROR]
+
+
+def test_a_publish_refused_by_an_acl_is_reported_by_flush_stats_and_one_error_log(
+    driver: Driver, limited_user: str, channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a user that may not XADD, flush() raises PublishRefusedError at once naming
+    Redis's NOPERM reply, stats() says "refused", and the ERROR log is not repeated on every
+    retry. The invalidation stays queued."""
+    caplog.set_level(logging.WARNING, logger="nearcache")
+    cache = driver.make(limited_user, channel=channel, abort_connect=False)
+    try:
+        driver.until(lambda: cache.backplane_state.value == "connected")
+        # Found by the ACL check at subscription, before anything was published:
+        assert cache.stats().publishing == "refused"
+        assert "XADD" in (cache.stats().publish_error or "")
+        driver.run(cache.set("k", 1))
+        with pytest.raises(PublishRefusedError) as refused:
+            driver.run(cache.flush(timeout=60))
+        assert "NOPERM" in refused.value.reply and "XADD" in refused.value.reply
+        assert refused.value.pending == 1
+        assert channel in str(refused.value) and refused.value.reply in str(refused.value)
+        driver.until(lambda: cache.stats().publish_failures >= 2)  # retried, at a slow pace
+        stats = cache.stats()
+        assert stats.publishing == "refused"
+        # Redis's own words (7.0: "The user executing the script can't run this command",
+        # later versions name the command), and what the check found:
+        error = stats.publish_error or ""
+        assert ("can't run this command" in error or "xadd" in error) and "XADD" in error
+        assert stats.pending == 1
+        assert len(_errors(caplog)) == 1
+        assert "XADD" in _errors(caplog)[0].getMessage()
+    finally:
+        driver.close(cache)
+
+
+def test_an_acl_without_the_publish_commands_is_refused_at_start_with_abort_connect(
+    driver: Driver, limited_user: str, channel: str
+) -> None:
+    """With abortConnect=True the constructor (or start()) refuses an ACL user that lacks a
+    command the publish script needs, naming it, instead of failing at the first write."""
+    with pytest.raises(PublishRefusedError) as refused:
+        driver.make(limited_user, channel=channel, abort_connect=True)
+    assert "XADD" in str(refused.value) and "abortConnect=False" in str(refused.value)
+
+
+def test_a_user_with_every_command_the_log_needs_passes_the_start_check(
+    driver: Driver, acl_redis: RedisServer, channel: str
+) -> None:
+    """The ACL check refuses nothing for the ACL user that may run everything."""
+    cache = driver.make(acl_redis.url, channel=channel, abort_connect=True)
+    try:
+        assert cache.stats().publishing == "ok"
+        driver.run(cache.set("k", 1))
+        driver.run(cache.flush())
+    finally:
+        driver.close(cache)
+
+
+def test_a_publish_refused_for_memory_recovers_once_redis_accepts_it(
+    driver: Driver, redis_factory: Callable[..., RedisServer], channel: str
+) -> None:
+    """At maxmemory with noeviction every publish is refused with OOM: flush() says so, and
+    once memory is available again the queued invalidation is delivered, flush() returns and
+    stats() shows "ok" again."""
+    server = redis_factory(extra_args=["--maxmemory-policy", "noeviction"])
+    with NearCache(server.url, channel=channel) as reader:
+        writer = driver.make(server.url, channel=channel)
+        admin = server.client()
+        try:
+            driver.until(lambda: writer.backplane_state.value == "connected")
+            wait_until(lambda: reader.backplane_state.value == "connected")
+            reader.set("k", "old")
+            driver.run(writer.remove("warm-up"))
+            driver.run(writer.flush())
+            admin.config_set("maxmemory", 1)
+            driver.run(writer.remove("k"))
+            with pytest.raises(PublishRefusedError) as refused:
+                driver.run(writer.flush(timeout=60))
+            assert refused.value.reply.startswith("OOM")
+            assert writer.stats().publishing == "refused"
+            assert reader.get("k") == "old"  # the other instance still serves it
+            admin.config_set("maxmemory", 0)
+            # Retried every few seconds: flush() keeps saying "refused" until a retry passes.
+            driver.until(lambda: writer.stats().publishing == "ok", 30)
+            driver.run(writer.flush())
+            wait_until(lambda: reader.get("k") is None)
+        finally:
+            admin.config_set("maxmemory", 0)
+            admin.close()
+            driver.close(writer)
