@@ -256,6 +256,24 @@ def test_int_key_too_long_rejected() -> None:
         decode(payload)
 
 
+def _int_key_message(text: bytes) -> bytes:
+    return _header(count=1) + b"\x01\xff\xff\x03" + len(text).to_bytes(4, "big") + text
+
+
+@pytest.mark.parametrize("text", [b"0", b"7", b"-7", b"10", b"-120", b"9" * 4000])
+def test_canonical_int_keys_are_read(text: bytes) -> None:
+    """An int key in canonical form (what str(int) writes) is read back as that int."""
+    assert decode(_int_key_message(text)).operations[0].key == int(text)
+
+
+@pytest.mark.parametrize("text", [b"007", b"00", b"-0", b"-007", b"+7", b"", b"-", b" 7", b"7 "])
+def test_int_keys_in_any_other_spelling_are_rejected(text: bytes) -> None:
+    """Leading zeros, "-0", a sign other than "-" or spaces make the message malformed: one
+    spelling per key (issue 8: "007" and "-0" used to be read as 7 and 0)."""
+    with pytest.raises(MessageError, match="int key"):
+        decode(_int_key_message(text))
+
+
 def test_malformed_trailer_rejected() -> None:
     """A signed message whose key-id length is zero or reaches into the header is rejected."""
     body = _header(flags=1)

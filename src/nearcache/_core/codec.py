@@ -22,8 +22,8 @@ An operation is a kind byte then its fields::
                                  replace one key's value (propagate="update")
 
     region: u16 length then UTF-8 bytes; length 0xFFFF means the default region (no bytes)
-    key:    type byte (0x01 str as UTF-8, 0x02 bytes, 0x03 int as ASCII decimal),
-            u32 length, the bytes
+    key:    type byte (0x01 str as UTF-8, 0x02 bytes, 0x03 int as ASCII decimal in the
+            canonical form str(int): no leading zero, no "+", no "-0"), u32 length, the bytes
     ttl, sliding: u32 milliseconds each, 0 = none
     serializer: u8 id; value: u32 length then the serialized bytes
 
@@ -381,8 +381,11 @@ def _decode_key(data: bytes, pos: int, end: int) -> tuple[Key, int]:
         return bytes(raw), pos
     if kind == _KEY_INT:
         text = raw.decode("ascii")
-        if not text or not (text.isdigit() or (text[0] == "-" and text[1:].isdigit())):
-            raise MessageError(f"malformed int key at byte {pos - length}")
+        # Only the canonical form, str(int(...)): one spelling per key, so that "007" or "-0"
+        # from a foreign publisher is a visible error, not a silent alias.
+        digits = text[1:] if text[:1] == "-" else text
+        if not digits.isdigit() or (digits[0] == "0" and text != "0"):
+            raise MessageError(f"malformed int key (not canonical decimal) at byte {pos - length}")
         if len(text) > _MAX_INT_KEY_CHARS:
             raise MessageError("int key too long")
         return int(text), pos
