@@ -64,7 +64,7 @@ PLAIN_KEY_TYPES = frozenset((str, int, bytes, bool))
 def check_key(key: object, region: object) -> None:
     """Raise ``TypeError`` or ``ValueError`` unless ``key`` and ``region`` can travel on the
     backplane (str, bytes or int keys; str or None regions; encodable, within limits)."""
-    if region is None and key.__class__ is str and key.isascii():
+    if region is None and type(key) is str and key.isascii():
         return  # the common case, on every set: ASCII always encodes (isascii is O(1))
     if isinstance(key, str):
         try:

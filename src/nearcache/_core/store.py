@@ -273,7 +273,8 @@ class _PyTable:
             self._compact()
 
     def _compact(self) -> None:
-        self.ring = deque(e for e in self.ring if self._live(e))
+        regions, gone = self.regions, dict[Hashable, Any]()
+        self.ring = deque(e for e in self.ring if regions.get(e.region, gone).get(e.key) is e)
 
     def _live(self, entry: _PyEntry) -> bool:
         bucket = self.regions.get(entry.region)

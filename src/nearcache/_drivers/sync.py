@@ -466,8 +466,9 @@ class NearCache:
         serializer refuses is not cached: the key is dropped everywhere (as by
         :meth:`remove`), then :class:`~nearcache.SerializationError` is raised.
         """
-        check_key(key, region)
-        data = self._serialize(key, value, region)
+        if region is not None or type(key) is not str or not key.isascii():
+            check_key(key, region)  # (an ASCII str key of the default region always passes)
+        data = None if self._core.sharing is None else self._serialize(key, value, region)
         lock = self._lock
         lock.acquire()  # not `with`: the context-manager protocol doubles this path's cost
         try:
