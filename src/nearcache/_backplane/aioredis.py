@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from nearcache._backplane.redis import failure, make_client_kwargs, publish_error
+from nearcache._backplane.redis import RedisBackplaneBase, failure, make_client_kwargs
 from nearcache._cancellation import stop_task, wait_event
 from nearcache._config import RedisSettings
 from nearcache._core.commands import (
@@ -35,8 +35,7 @@ from nearcache._core.commands import (
     RunScript,
     Subscribe,
 )
-from nearcache._core.log import Cursor, publish_command, published_to
-from nearcache._core.subscription import Subscription
+from nearcache._core.log import published_to
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane", "abort_connections", "aexecute"]
@@ -78,8 +77,11 @@ def abort_connections(*clients: aioredis.Redis) -> None:
                     close()  # forget the aborted streams: no "unclosed" warning later
 
 
-class AsyncRedisBackplane:
-    """Redis Pub/Sub backplane for asyncio (a listener task per instance)."""
+class AsyncRedisBackplane(RedisBackplaneBase):
+    """Redis Pub/Sub backplane for asyncio (a listener task per instance); the arguments are
+    :class:`~nearcache._backplane.redis.RedisBackplane`'s."""
+
+    _connected: asyncio.Event
 
     def __init__(
         self,
@@ -92,90 +94,41 @@ class AsyncRedisBackplane:
         log_length: int = 10_000,
         reconcile: float = 5.0,
     ) -> None:
-        self._settings = settings
-        self._channel = channel
-        self._clock = clock
-        self._heartbeat = heartbeat
-        self._heartbeat_timeout = heartbeat_timeout
+        super().__init__(
+            settings,
+            channel,
+            clock=clock,
+            heartbeat=heartbeat,
+            heartbeat_timeout=heartbeat_timeout,
+            log_length=log_length,
+            reconcile=reconcile,
+            connected=asyncio.Event(),
+            state_lock=contextlib.nullcontext(),  # one loop: nothing to lock
+        )
         kwargs = make_client_kwargs(settings)
         self._publisher = aioredis.Redis(**kwargs)
         self._subscriber_client = aioredis.Redis(**kwargs)
-        self._scripts: dict[str, Any] = {}
-        self._state = BackplaneState.IDLE
-        self._connected: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._listener: BackplaneListener | None = None
-        self._subscription: Subscription | None = None
-        self._cursor = Cursor()
-        self._pubsub: Any = None
         self._closing = False
-        self._log_length = log_length
-        self._reconcile = reconcile
-
-    @property
-    def channel(self) -> str:
-        """The full channel name on the wire."""
-        return self._channel
-
-    @property
-    def state(self) -> BackplaneState:
-        """The current state."""
-        return self._state
-
-    @property
-    def last_error(self) -> str | None:
-        """Why the latest subscription failed, if one did."""
-        return None if self._subscription is None else self._subscription.last_error
-
-    def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
-        if self._state is BackplaneState.CLOSED or self._state is state:
-            return
-        self._state = state
-        assert self._connected is not None
-        if state is BackplaneState.CONNECTED:
-            self._connected.set()
-        else:
-            self._connected.clear()
-        if self._listener is not None:
-            self._listener.on_state(state, reason)
 
     async def start(self, listener: BackplaneListener) -> None:
         """Start the listener task."""
-        self._listener = listener
-        self._subscription = Subscription(
-            listener,
-            channel=self._channel,
-            clock=self._clock,
-            heartbeat=self._heartbeat,
-            heartbeat_timeout=self._heartbeat_timeout,
-            connect_timeout=self._settings.connect_timeout,
-            log_length=self._log_length,
-            reconcile=self._reconcile,
-            set_state=self._set_state,
-            cursor=self._cursor,
-        )
-        self._connected = asyncio.Event()
-        self._set_state(BackplaneState.CONNECTING)
+        self._new_subscription(listener)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"nearcache-listener:{self._channel}"
         )
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait until subscribed or ``timeout`` seconds passed."""
-        assert self._connected is not None
         return await wait_event(self._connected, timeout)
 
     async def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
-        command = publish_command(self._channel, self._log_length, payloads)
+        command = self._publish_command(payloads)
         try:
             return published_to(command, await aexecute(self._publisher, self._scripts, command))
         except (redis.RedisError, OSError) as exc:
-            raise publish_error(exc, self._channel, self._settings.describe()) from exc
-
-    def log_position(self) -> tuple[bytes, str] | None:
-        """The replay log position this subscriber has applied (``Cursor.position``)."""
-        return self._cursor.position()
+            raise self._publish_error(exc) from exc
 
     async def aclose(self) -> None:
         """Stop the listener task and close both connections, within ``2 * STOP_GRACE``

@@ -20,7 +20,8 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -46,9 +47,13 @@ from nearcache._core.subscription import REPLAY_PAGE, Subscription
 from nearcache._exceptions import BackplaneError, PublishRefusedError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
+if TYPE_CHECKING:
+    import asyncio
+
 __all__ = [
     "REPLAY_PAGE",
     "RedisBackplane",
+    "RedisBackplaneBase",
     "execute",
     "failure",
     "log_keys",
@@ -147,18 +152,11 @@ def make_client_kwargs(settings: RedisSettings) -> dict[str, Any]:
     return kwargs
 
 
-class RedisBackplane:
-    """Redis Pub/Sub backplane (blocking; a listener thread per instance).
-
-    Args:
-        settings: parsed connection settings.
-        channel: the full wire channel name.
-        clock: monotonic seconds.
-        heartbeat: seconds between pings on the subscriber connection.
-        heartbeat_timeout: seconds without a pong before the connection counts as stalled.
-        log_length: the replay log's length (0: plain PUBLISH, no log).
-        reconcile: seconds between comparisons of the log's tail with this instance.
-    """
+class RedisBackplaneBase:
+    """What both Redis backplanes hold and do alike, without I/O: settings, state, the
+    cursor, the subscription flow and the publish command. :class:`RedisBackplane` and
+    :class:`~nearcache._backplane.aioredis.AsyncRedisBackplane` add the clients, a thread or a
+    task, and the execution of each command."""
 
     def __init__(
         self,
@@ -168,29 +166,26 @@ class RedisBackplane:
         clock: Clock,
         heartbeat: float,
         heartbeat_timeout: float,
-        log_length: int = 10_000,
-        reconcile: float = 5.0,
+        log_length: int,
+        reconcile: float,
+        connected: threading.Event | asyncio.Event,
+        state_lock: AbstractContextManager[Any],
     ) -> None:
         self._settings = settings
         self._channel = channel
         self._clock = clock
         self._heartbeat = heartbeat
         self._heartbeat_timeout = heartbeat_timeout
-        kwargs = make_client_kwargs(settings)
-        self._publisher = redis.Redis(**kwargs)
-        self._subscriber_client = redis.Redis(**kwargs)
-        self._scripts: dict[str, Any] = {}
+        self._log_length = log_length
+        self._reconcile = reconcile
+        self._connected = connected
+        self._state_lock = state_lock
         self._state = BackplaneState.IDLE
-        self._state_lock = threading.Lock()
-        self._connected = threading.Event()
-        self._closing = threading.Event()
+        self._scripts: dict[str, Any] = {}
         self._pubsub: Any = None
-        self._thread: threading.Thread | None = None
         self._listener: BackplaneListener | None = None
         self._subscription: Subscription | None = None
         self._cursor = Cursor()
-        self._log_length = log_length
-        self._reconcile = reconcile
 
     @property
     def channel(self) -> str:
@@ -207,6 +202,10 @@ class RedisBackplane:
         """Why the latest subscription failed, if one did."""
         return None if self._subscription is None else self._subscription.last_error
 
+    def log_position(self) -> tuple[bytes, str] | None:
+        """The replay log position this subscriber has applied (``Cursor.position``)."""
+        return self._cursor.position()
+
     def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
         with self._state_lock:
             if self._state is BackplaneState.CLOSED or self._state is state:
@@ -219,8 +218,8 @@ class RedisBackplane:
         if self._listener is not None:
             self._listener.on_state(state, reason)
 
-    def start(self, listener: BackplaneListener) -> None:
-        """Start the listener thread."""
+    def _new_subscription(self, listener: BackplaneListener) -> Subscription:
+        """The subscription flow this backplane's thread or task will run."""
         self._listener = listener
         self._subscription = Subscription(
             listener,
@@ -235,6 +234,61 @@ class RedisBackplane:
             cursor=self._cursor,
         )
         self._set_state(BackplaneState.CONNECTING)
+        return self._subscription
+
+    def _publish_command(self, payloads: Sequence[bytes]) -> RunScript | Call | Pipeline:
+        return publish_command(self._channel, self._log_length, payloads)
+
+    def _publish_error(self, exc: Exception) -> BackplaneError:
+        return publish_error(exc, self._channel, self._settings.describe())
+
+
+class RedisBackplane(RedisBackplaneBase):
+    """Redis Pub/Sub backplane (blocking; a listener thread per instance).
+
+    Args:
+        settings: parsed connection settings.
+        channel: the full wire channel name.
+        clock: monotonic seconds.
+        heartbeat: seconds between pings on the subscriber connection.
+        heartbeat_timeout: seconds without a pong before the connection counts as stalled.
+        log_length: the replay log's length (0: plain PUBLISH, no log).
+        reconcile: seconds between comparisons of the log's tail with this instance.
+    """
+
+    _connected: threading.Event
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        channel: str,
+        *,
+        clock: Clock,
+        heartbeat: float,
+        heartbeat_timeout: float,
+        log_length: int = 10_000,
+        reconcile: float = 5.0,
+    ) -> None:
+        super().__init__(
+            settings,
+            channel,
+            clock=clock,
+            heartbeat=heartbeat,
+            heartbeat_timeout=heartbeat_timeout,
+            log_length=log_length,
+            reconcile=reconcile,
+            connected=threading.Event(),
+            state_lock=threading.Lock(),
+        )
+        kwargs = make_client_kwargs(settings)
+        self._publisher = redis.Redis(**kwargs)
+        self._subscriber_client = redis.Redis(**kwargs)
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, listener: BackplaneListener) -> None:
+        """Start the listener thread."""
+        self._new_subscription(listener)
         self._thread = threading.Thread(
             target=self._run, name=f"nearcache-listener:{self._channel}", daemon=True
         )
@@ -246,15 +300,11 @@ class RedisBackplane:
 
     def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
-        command = publish_command(self._channel, self._log_length, payloads)
+        command = self._publish_command(payloads)
         try:
             return published_to(command, execute(self._publisher, self._scripts, command))
         except (redis.RedisError, OSError) as exc:
-            raise publish_error(exc, self._channel, self._settings.describe()) from exc
-
-    def log_position(self) -> tuple[bytes, str] | None:
-        """The replay log position this subscriber has applied (``Cursor.position``)."""
-        return self._cursor.position()
+            raise self._publish_error(exc) from exc
 
     def close(self) -> None:
         """Stop the listener thread and close the connections."""
