@@ -264,7 +264,9 @@ def test_an_unrelated_invalidation_does_not_cancel_a_load(
 
 
 def _wait_for_waiters(cache: Any, key: object, count: int) -> None:
-    wait_until(lambda: (f := cache._flights.get((None, key))) is not None and f.waiters == count)
+    wait_until(
+        lambda: (f := cache._core.flights.get((None, key))) is not None and f.waiters == count
+    )
 
 
 def test_stampede_runs_the_factory_once(driver: Driver, pair: tuple[Any, Any]) -> None:

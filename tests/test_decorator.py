@@ -181,7 +181,7 @@ def test_concurrent_callers_share_one_load(cache: NearCache) -> None:
     for t in threads:
         t.start()
     # Wait until the other seven joined the load in flight, then let it finish.
-    wait_until(lambda: sum(f.waiters for f in cache._flights.values()) == 7, 10)
+    wait_until(lambda: sum(f.waiters for f in cache._core.flights.values()) == 7, 10)
     release.set()
     for t in threads:
         t.join(10)

@@ -64,7 +64,7 @@ def test_a_caller_does_not_join_a_load_older_than_the_bound() -> None:
     clock.now = 100.5  # within the bound: joining is fine
     joined: Future[str] = Future()
     threading.Thread(target=lambda: joined.set_result(cache.get_or_set("k", slow))).start()
-    wait_until(lambda: cache._flights[(None, "k")].waiters == 1)
+    wait_until(lambda: cache._core.flights[(None, "k")].waiters == 1)
     clock.now = 101.5  # past the bound: a new caller must load for itself
     assert cache.get_or_set("k", lambda: "loaded at 101.5") == "loaded at 101.5"
     release.set()
@@ -86,10 +86,10 @@ def test_a_cancelled_loader_does_not_cancel_its_waiters() -> None:
                 return "never"
 
             leader = asyncio.ensure_future(cache.get_or_set("k", never))
-            while (None, "k") not in cache._flights:
+            while (None, "k") not in cache._core.flights:
                 await asyncio.sleep(0)
             waiter = asyncio.ensure_future(cache.get_or_set("k", lambda: "waiter's own"))
-            while cache._flights[(None, "k")].waiters == 0:
+            while cache._core.flights[(None, "k")].waiters == 0:
                 await asyncio.sleep(0)
             leader.cancel()
             assert await asyncio.wait_for(waiter, 5) == "waiter's own"
@@ -115,10 +115,10 @@ async def _leader_and_waiter(
         return f"load #{len(calls)}"
 
     leader = spawn(cache.get_or_set("k", factory))
-    while (None, "k") not in cache._flights:
+    while (None, "k") not in cache._core.flights:
         await asyncio.sleep(0)
     waiter = spawn(cache.get_or_set("k", factory))
-    while cache._flights[(None, "k")].waiters == 0:
+    while cache._core.flights[(None, "k")].waiters == 0:
         await asyncio.sleep(0)
     return leader, waiter
 

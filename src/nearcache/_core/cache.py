@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from nearcache._core.codec import Invalidation, Kind, decode, encode, split
+from nearcache._core.flights import Flights
 from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
 from nearcache._core.publishing import Publishing
@@ -299,6 +300,7 @@ class CacheCore:
             max_staleness=options.max_staleness if networked else math.inf,
         )
         self.outbox = Outbox(options.max_pending)
+        self.flights = Flights(lambda: self.store, clock)
         self.publishing = Publishing(channel, clock)
         self.stats = BackplaneStats()
         self.instance_id = instance_id

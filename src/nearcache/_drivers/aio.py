@@ -34,7 +34,7 @@ from nearcache._core.codec import Invalidation, Kind, channel_name
 from nearcache._core.l2 import L2Options
 from nearcache._core.serializer import SafeSerializer
 from nearcache._core.sharing import new_sharing, sharing_options
-from nearcache._core.store import MISSING, Reservation
+from nearcache._core.store import MISSING
 from nearcache._drivers.sync import _CLOSED, CacheState, _ClosedStore, normalize_secrets
 from nearcache._exceptions import (
     BackplaneUnavailableError,
@@ -52,15 +52,6 @@ __all__ = ["AsyncNearCache"]
 
 log = logging.getLogger("nearcache")
 T = TypeVar("T")
-
-
-class _Flight:
-    __slots__ = ("future", "reservation", "waiters")
-
-    def __init__(self, reservation: Reservation, future: asyncio.Future[Any]) -> None:
-        self.reservation = reservation
-        self.future = future
-        self.waiters = 0  # tasks waiting on this load besides the one running it
 
 
 class AsyncNearCache:
@@ -191,7 +182,6 @@ class AsyncNearCache:
         self._store: Any = self._core.store
         # The hit path: an awaitable that completes at once, from the store's reader.
         self.get = self._store.aget  # type: ignore[method-assign]
-        self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._state = CacheState.OPEN
         self._started = backplane is None
         self._start_lock: asyncio.Lock | None = None
@@ -351,30 +341,26 @@ class AsyncNearCache:
         self._check_open()
         if not self._started:
             await self.start()
-        store = self._core.store
-        ident = (region, key)
+        store, flights = self._core.store, self._core.flights
         while True:
-            flight = self._flights.get(ident)
-            if not (
-                flight is not None
-                and store.is_current(flight.reservation)
-                and store.is_fresh(flight.reservation.started, self._clock())
-            ):
+            joined = flights.joinable(key, region)
+            if joined is None:
                 break
-            flight.waiters += 1
+            if joined.wake is None:
+                joined.wake = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Any] = joined.wake
             # asyncio.wait raises CancelledError only when this task is cancelled, and returns
             # when the load's task was. (Behind a shield both raise, and a waiter cancelled
             # together with its loader, by gather or a TaskGroup, took the loader's
             # cancellation for the whole story and ran the factory again.)
-            await asyncio.wait((flight.future,))
-            if not flight.future.cancelled():
-                return flight.future.result()  # type: ignore[no-any-return]
+            await asyncio.wait((future,))
+            if not future.cancelled():
+                return future.result()  # type: ignore[no-any-return]
             # The task running the load was cancelled, not this one: load again.
             value = store.peek(key, MISSING, region)
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
-        flight = _Flight(store.reserve(key, region), asyncio.get_running_loop().create_future())
-        self._flights[ident] = flight
+        flight = flights.start(key, region)
         try:
             if self._l2 is not None:
                 result, ttl = await self._l2_load(key, region, factory, ttl)
@@ -383,20 +369,20 @@ class AsyncNearCache:
                 if inspect.isawaitable(result):
                     result = await result
         except BaseException as exc:
-            store.release(flight.reservation)
-            if self._flights.get(ident) is flight:
-                del self._flights[ident]
-            if isinstance(exc, asyncio.CancelledError):
-                flight.future.cancel()  # waiters start their own load
-            elif not flight.future.done():
-                flight.future.set_exception(exc)
-                flight.future.exception()  # retrieved: waiters re-raise it themselves
+            flights.failed(flight)
+            future = flight.wake
+            if future is not None:
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()  # waiters start their own load
+                elif not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: waiters re-raise it themselves
             raise
-        if self._state is CacheState.OPEN:
-            store.commit(flight.reservation, result, ttl=ttl, sliding=sliding)
-        if self._flights.get(ident) is flight:
-            del self._flights[ident]
-        flight.future.set_result(result)
+        flights.finished(
+            flight, result, ttl=ttl, sliding=sliding, keep=self._state is CacheState.OPEN
+        )
+        if flight.wake is not None:
+            flight.wake.set_result(result)
         return result  # type: ignore[no-any-return]
 
     # -- writes ---------------------------------------------------------------------------

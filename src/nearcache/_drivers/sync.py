@@ -28,7 +28,7 @@ from nearcache._core.codec import Invalidation, Kind, channel_name
 from nearcache._core.l2 import L2Options
 from nearcache._core.serializer import SafeSerializer
 from nearcache._core.sharing import new_sharing, sharing_options
-from nearcache._core.store import MISSING, Reservation
+from nearcache._core.store import MISSING
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
@@ -72,16 +72,13 @@ def normalize_secrets(
     return {kid: s.encode() if isinstance(s, str) else s for kid, s in secret.items()}
 
 
-class _Flight:
-    """One load in progress for a key; concurrent callers wait on it (stampede protection)."""
+class _Outcome:
+    """How the callers that joined a load get its result (``Flight.wake`` in this driver)."""
 
-    __slots__ = ("done", "error", "reservation", "value", "waiters")
+    __slots__ = ("done", "error", "value")
 
-    def __init__(self, reservation: Reservation) -> None:
-        self.reservation = reservation
-        self.waiters = 0  # callers waiting on this load besides the one running it
-        # Created under the cache lock by the first caller that joins: most loads have none.
-        self.done: threading.Event | None = None
+    def __init__(self) -> None:
+        self.done = threading.Event()
         self.value: object = MISSING
         self.error: BaseException | None = None
 
@@ -240,7 +237,6 @@ class NearCache:
         self._store: Any = self._core.store
         # The hit path: the store's reader itself (C when built), no Python frame between.
         self.get = self._store.get  # type: ignore[method-assign]
-        self._flights: dict[tuple[str | None, Hashable], _Flight] = {}
         self._sender: threading.Thread | None = None
         if self._settings is not None:
             from nearcache._backplane.redis import RedisBackplane
@@ -394,36 +390,24 @@ class NearCache:
         value = self.get(key, MISSING, region)  # the store's reader (or the closed one's)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        ident = (region, key)
+        flights = self._core.flights
         with self._lock:
             self._check_open()
-            store = self._core.store
-            value = store.peek(key, MISSING, region)
+            value = self._core.store.peek(key, MISSING, region)
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
-            flight = self._flights.get(ident)
-            # Join a load only if nothing invalidated the key since it started and its result
-            # would be servable now under the staleness rule: a caller must not get a value
-            # loaded before a write it could have seen.
-            if (
-                flight is not None
-                and store.is_current(flight.reservation)
-                and store.is_fresh(flight.reservation.started, self._clock())
-            ):
-                flight.waiters += 1
-                if flight.done is None:
-                    flight.done = threading.Event()
-                leader = False
+            joined = flights.joinable(key, region)
+            if joined is not None:
+                if joined.wake is None:
+                    joined.wake = _Outcome()
+                outcome: _Outcome = joined.wake
             else:
-                flight = _Flight(store.reserve(key, region))
-                self._flights[ident] = flight
-                leader = True
-        if not leader:
-            assert flight.done is not None
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.value  # type: ignore[return-value]
+                flight = flights.start(key, region)
+        if joined is not None:  # wait for the load's result
+            outcome.done.wait()
+            if outcome.error is not None:
+                raise outcome.error
+            return outcome.value  # type: ignore[return-value]
         try:
             if self._l2 is not None:
                 value, ttl = self._l2_load(key, region, factory, ttl)
@@ -431,21 +415,18 @@ class NearCache:
                 value = factory()
         except BaseException as exc:
             with self._lock:
-                self._core.store.release(flight.reservation)
-                if self._flights.get(ident) is flight:
-                    del self._flights[ident]
-            flight.error = exc
-            if flight.done is not None:
-                flight.done.set()
+                flights.failed(flight)
+            if flight.wake is not None:  # read after failed(): no one joins any more
+                flight.wake.error = exc
+                flight.wake.done.set()
             raise
         with self._lock:
-            if self._state is CacheState.OPEN:
-                self._core.store.commit(flight.reservation, value, ttl=ttl, sliding=sliding)
-            if self._flights.get(ident) is flight:
-                del self._flights[ident]
-        flight.value = value
-        if flight.done is not None:
-            flight.done.set()
+            flights.finished(
+                flight, value, ttl=ttl, sliding=sliding, keep=self._state is CacheState.OPEN
+            )
+        if flight.wake is not None:
+            flight.wake.value = value
+            flight.wake.done.set()
         return value  # type: ignore[no-any-return]
 
     # -- writes ---------------------------------------------------------------------------
