@@ -402,3 +402,68 @@ def test_close_against_a_stalled_redis_is_bounded(
     assert {t for t in threading.enumerate() if t.name.startswith("nearcache")} == ours
     proxy.resume()
     wait_until(lambda: proxy.connections == 0, 5.0, message="proxy connections closed")
+
+
+def _waiting_in_flush(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in NearCache.flush's wait (read from its stack)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "flush" in names and "wait" in names
+
+
+def _in_thread(call: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_a_sync_flush_waiting_when_the_cache_closes_ends_at_once(
+    redis_server: RedisServer, tcp_proxy: Callable[[int], TcpProxy], channel: str
+) -> None:
+    """The threaded twin: a flush() waiting for a stalled Redis when another thread closes
+    the cache raises CacheClosedError then (nothing more will be delivered), instead of
+    waiting out its own timeout."""
+    proxy = tcp_proxy(redis_server.port)
+    cache = NearCache(f"{proxy.host}:{proxy.port}", channel=channel)
+    cache.set("k", 0)
+    cache.flush()
+    proxy.stall()
+    cache.set("k", 1)
+    thread, errors = _in_thread(lambda: cache.flush(timeout=60))
+    wait_until(lambda: _waiting_in_flush(thread), 5.0, message="flush waiting")
+    cache.close(timeout=0)
+    thread.join(CLOSE_BOUND + SLACK)
+    assert not thread.is_alive(), "flush still waiting after the cache closed"
+    assert len(errors) == 1 and isinstance(errors[0], CacheClosedError), errors
+    proxy.resume()
+
+
+def test_sync_close_called_from_two_threads_at_once(
+    redis_server: RedisServer, tcp_proxy: Callable[[int], TcpProxy], channel: str
+) -> None:
+    """A close() waiting to deliver (long timeout) ends without an error when another
+    thread's close() (short timeout) closes the cache under it."""
+    proxy = tcp_proxy(redis_server.port)
+    cache = NearCache(f"{proxy.host}:{proxy.port}", channel=channel)
+    cache.set("k", 0)
+    cache.flush()
+    proxy.stall()
+    cache.set("k", 1)
+    thread, errors = _in_thread(lambda: cache.close(timeout=60))
+    wait_until(lambda: _waiting_in_flush(thread), 5.0, message="close waiting in its flush")
+    cache.close(timeout=0.1)
+    thread.join(CLOSE_BOUND + SLACK)
+    assert not thread.is_alive(), "the first close() still waiting after the cache closed"
+    assert errors == []
+    proxy.resume()

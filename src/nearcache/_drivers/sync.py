@@ -328,6 +328,8 @@ class NearCache:
                     self._channel,
                     exc.pending,
                 )
+            except CacheClosedError:
+                pass  # another thread's close() got there first
         with self._cond:
             self._state = CacheState.CLOSED
             self._cond.notify_all()
@@ -503,6 +505,7 @@ class NearCache:
         :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with
         an error (an ACL without the needed commands, out of memory); either way the
         invalidations stay queued and are delivered once Redis accepts them.
+        :class:`~nearcache.CacheClosedError` if the cache is closed meanwhile.
         """
         deadline = self._clock() + timeout
         with self._cond:
@@ -510,6 +513,7 @@ class NearCache:
             outbox = self._core.outbox
             target = outbox.accepted
             while outbox.delivered < target:
+                self._check_open()  # closed meanwhile: nothing more will be delivered
                 refused = self._core.publishing.flush_error(len(outbox))
                 if refused is not None:
                     raise refused
