@@ -467,3 +467,57 @@ def test_sync_close_called_from_two_threads_at_once(
     assert not thread.is_alive(), "the first close() still waiting after the cache closed"
     assert errors == []
     proxy.resume()
+
+
+def test_a_load_outliving_close_opens_no_l2_connection(redis_server: RedisServer) -> None:
+    """With l2=True, a get_or_set whose factory is still running when the cache closes gets
+    its value, and its L2 steps after the factory (fill, lease release) open no connection
+    that would outlive the closed cache."""
+    name = f"l2close-{uuid.uuid4().hex[:8]}"
+    cache = NearCache(f"{redis_server.connection_string},name={name}", channel=name, l2=True)
+    cache.set("x", 1)
+    cache.flush()
+    entered, release = threading.Event(), threading.Event()
+
+    def factory() -> int:
+        entered.set()
+        release.wait(10)
+        return 5
+
+    got: list[int] = []
+    thread, errors = _in_thread(lambda: got.append(cache.get_or_set("k", factory)))
+    assert entered.wait(5)
+    cache.close()
+    wait_disconnected(redis_server, name)
+    release.set()
+    thread.join(5)
+    assert (got, errors) == ([5], [])
+    assert name not in client_names(redis_server)
+
+
+def test_a_load_outliving_aclose_opens_no_l2_connection(redis_server: RedisServer) -> None:
+    """The asyncio twin."""
+    name = f"l2close-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        cache = AsyncNearCache(
+            f"{redis_server.connection_string},name={name}", channel=name, l2=True
+        )
+        await cache.start()
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def factory() -> int:
+            entered.set()
+            await release.wait()
+            return 5
+
+        loading = asyncio.ensure_future(cache.get_or_set("k", factory))
+        await entered.wait()
+        await within(cache.aclose(), 1.0 + CLOSE_BOUND + SLACK, "aclose")
+        wait_disconnected(redis_server, name)
+        release.set()
+        assert await loading == 5
+        assert not other_tasks()
+        assert name not in client_names(redis_server)
+
+    asyncio.run(main())

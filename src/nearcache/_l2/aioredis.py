@@ -63,6 +63,7 @@ class AsyncRedisL2:
         self._release_script = self._client.register_script(l2.RELEASE_SCRIPT)
         self._publish_script = self._publisher.register_script(l2.PUBLISH_SCRIPT)
         self._breaker = Breaker()
+        self._closed = False
 
     async def load(
         self,
@@ -124,12 +125,18 @@ class AsyncRedisL2:
         return None if reply is None else bool(reply)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a read-path script within ``l2_timeout``; None (counted) if Redis failed."""
+        """Run a read-path script within ``l2_timeout``; None (counted) if Redis failed.
+        Once closed, None without a command (see :meth:`RedisL2._run`)."""
+        if self._closed:
+            return None
         try:
             reply = await asyncio.wait_for(script(keys=keys, args=args), self._timeout)
         except _ERRORS:
             self._failed()
             return None
+        finally:
+            if self._closed:  # closed while it ran: close what it may have reopened
+                abort_connections(self._client)
         self._breaker.succeeded()
         return reply
 
@@ -153,6 +160,7 @@ class AsyncRedisL2:
 
     async def aclose(self) -> None:
         """Release the connections at once: a publish or read blocked on one fails now."""
+        self._closed = True
         abort_connections(self._client, self._publisher)
         await self._client.aclose()
         await self._publisher.aclose()

@@ -67,6 +67,7 @@ class RedisL2:
         self._publish_script = self._publisher.register_script(l2.PUBLISH_SCRIPT)
         self._breaker = Breaker()
         self._breaker_lock = threading.Lock()
+        self._closed = False
 
     # -- the read path ----------------------------------------------------------------------
 
@@ -128,12 +129,19 @@ class RedisL2:
         return None if reply is None else bool(reply)
 
     def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a read-path script; None (counted, breaker opened) if Redis failed."""
+        """Run a read-path script; None (counted, breaker opened) if Redis failed. Once
+        closed, None without a command: a load that outlived close() (its fill, its lease
+        release) must not open a connection that nothing would close."""
+        if self._closed:
+            return None
         try:
             reply = script(keys=keys, args=args)
         except _ERRORS:
             self._failed()
             return None
+        finally:
+            if self._closed:  # closed while it ran: close what it may have reopened
+                self._client.close()
         self._breaker.succeeded()
         return reply
 
@@ -161,5 +169,6 @@ class RedisL2:
 
     def close(self) -> None:
         """Release the connections."""
+        self._closed = True
         self._client.close()
         self._publisher.close()
