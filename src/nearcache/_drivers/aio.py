@@ -19,31 +19,31 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nearcache._cached import AsyncCached
 from nearcache._cancellation import STOP_GRACE, stop_task, wait_event
-from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
     CacheCore,
-    CacheOptions,
     CacheStats,
     check_key,
     check_region,
     check_ttl,
     snapshot,
 )
-from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
-from nearcache._core.serializer import SafeSerializer
-from nearcache._core.sharing import new_sharing, sharing_options
+from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING
-from nearcache._drivers.sync import _CLOSED, CacheState, _ClosedStore, normalize_secrets
+from nearcache._drivers.common import (
+    CacheCommon,
+    CacheState,
+    ClosedStore,
+    ListenerCommon,
+)
 from nearcache._exceptions import (
-    BackplaneUnavailableError,
-    CacheClosedError,
     FlushTimeoutError,
     PublishRefusedError,
     SerializationError,
 )
-from nearcache._typing import AsyncBackplane, BackplaneState, Clock, Serializer
+from nearcache._typing import AsyncBackplane, Clock, Serializer
 
 if TYPE_CHECKING:
     from nearcache._l2.aioredis import AsyncRedisL2
@@ -54,7 +54,7 @@ log = logging.getLogger("nearcache")
 T = TypeVar("T")
 
 
-class AsyncNearCache:
+class AsyncNearCache(CacheCommon):
     """The asyncio twin of :class:`~nearcache.NearCache`: same arguments, same method names,
     as coroutines (``aclose`` instead of ``close``; ``async with``; async factories).
 
@@ -96,7 +96,10 @@ class AsyncNearCache:
         l2_timeout: float = L2Options.l2_timeout,
         update_max_bytes: int = L2Options.update_max_bytes,
     ) -> None:
-        self._options = CacheOptions(
+        self._configure(
+            connection,
+            channel,
+            backplane,
             max_entries=max_entries,
             ttl=ttl,
             sliding=sliding,
@@ -104,47 +107,35 @@ class AsyncNearCache:
             max_staleness=max_staleness,
             heartbeat_interval=heartbeat_interval,
             max_pending=max_pending,
-            secrets=normalize_secrets(secret),
+            secret=secret,
+            abort_connect=abort_connect,
             replay_log=replay_log,
             reconcile_interval=reconcile_interval,
-        )
-        self._clock = clock
-        self._settings: RedisSettings | None = None
-        if connection is not None and backplane is not None:
-            raise ValueError("pass either a connection string or a backplane, not both")
-        sharing_opts = sharing_options(
-            L2Options(
-                l2,
-                propagate,
-                serializer or SafeSerializer(),
-                l2_ttl,
-                l2_max_bytes,
-                l2_lease_ttl,
-                l2_lease_wait,
-                l2_timeout,
-                update_max_bytes,
-            ),
-            secrets=self._options.secrets,
-            replay_log=replay_log,
-            connection=connection is not None,
-            custom=backplane is not None,
+            clock=clock,
+            l2=l2,
+            propagate=propagate,
+            serializer=serializer,
+            l2_ttl=l2_ttl,
+            l2_max_bytes=l2_max_bytes,
+            l2_lease_ttl=l2_lease_ttl,
+            l2_lease_wait=l2_lease_wait,
+            l2_timeout=l2_timeout,
+            update_max_bytes=update_max_bytes,
         )
         sharing = new_sharing(
-            sharing_opts,
+            self._sharing_options,
             max_age=self._options.max_age,
             default_ttl=self._options.ttl,
             secrets=self._options.secrets,
             clock=clock,
         )
         self._l2: AsyncRedisL2 | None = None
-        if connection is not None:
-            self._settings = parse_connection_string(connection)
-            channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
+        if self._settings is not None:
             from nearcache._backplane.aioredis import AsyncRedisBackplane
 
-            backplane = AsyncRedisBackplane(
+            self._backplane = backplane = AsyncRedisBackplane(
                 self._settings,
-                channel,
+                self._channel,
                 clock=clock,
                 heartbeat=self._options.heartbeat,
                 heartbeat_timeout=max(self._options.heartbeat * 2, 0.05),
@@ -156,33 +147,23 @@ class AsyncNearCache:
 
                 self._l2 = AsyncRedisL2(
                     self._settings,
-                    channel,
+                    self._channel,
                     sharing,
                     clock=clock,
                     log_length=self._options.replay_log,
                     usable=self._l2_usable,
                 )
-        elif backplane is not None:
-            channel = backplane.channel
-        self._channel = channel
-        self._abort_connect = (
-            abort_connect
-            if abort_connect is not None
-            else (self._settings.abort_connect if self._settings else False)
-        )
-        self._backplane = backplane
         self._core = CacheCore(
             self._options,
             clock=clock,
             instance_id=os.urandom(16),
             networked=backplane is not None,
             sharing=sharing,
-            channel=channel,
+            channel=self._channel,
         )
         self._store: Any = self._core.store
         # The hit path: an awaitable that completes at once, from the store's reader.
         self.get = self._store.aget  # type: ignore[method-assign]
-        self._state = CacheState.OPEN
         self._started = backplane is None
         self._start_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
@@ -215,24 +196,10 @@ class AsyncNearCache:
             if self._outbox_waiting():
                 self._wake.set()
             if self._abort_connect:
-                timeout = self._settings.connect_timeout if self._settings else 5.0
-                where = self._settings.describe() if self._settings else repr(backplane)
-                if not await backplane.wait_connected(timeout):
-                    reason = getattr(backplane, "last_error", None) or "no answer"
+                error = self._start_error(await backplane.wait_connected(self._connect_timeout()))
+                if error is not None:
                     await self.aclose(timeout=0)
-                    raise BackplaneUnavailableError(
-                        f"could not subscribe to channel {self._channel!r} on {where} within "
-                        f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
-                    )
-                refused = self._core.publishing.flush_error(0)
-                if refused is not None:
-                    await self.aclose(timeout=0)
-                    raise PublishRefusedError(
-                        f"Redis on {where} would refuse to publish on channel "
-                        f"{self._channel!r} ({refused.reply}); pass abortConnect=False to "
-                        "start anyway",
-                        reply=refused.reply,
-                    )
+                    raise error
 
     def _outbox_waiting(self) -> bool:
         return self._core.outbox.waiting > 0
@@ -262,11 +229,7 @@ class AsyncNearCache:
                 try:
                     await self.flush(timeout)
                 except (FlushTimeoutError, PublishRefusedError) as exc:
-                    log.warning(
-                        "nearcache: closing channel %r with %d invalidations undelivered",
-                        self._channel,
-                        exc.pending,
-                    )
+                    self._closing_undelivered(exc)
             self._stop_serving()
             stopped = sender is None or await stop_task(sender)
             if self._backplane is not None and self._started:
@@ -301,7 +264,7 @@ class AsyncNearCache:
         if self._progress is not None:
             self._progress.set()
         self._core.store.clear()
-        self._store = _ClosedStore()
+        self._store = ClosedStore()
         self.get = self._store.aget  # type: ignore[method-assign]
 
     async def __aenter__(self) -> AsyncNearCache:
@@ -310,10 +273,6 @@ class AsyncNearCache:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def _check_open(self) -> None:
-        if self._state is _CLOSED:
-            raise CacheClosedError(f"the cache on channel {self._channel!r} is closed")
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -421,10 +380,7 @@ class AsyncNearCache:
 
     async def remove_many(self, keys: Iterable[Hashable], *, region: str | None = None) -> None:
         """Drop several keys of ``region`` here and on every other instance, in one step."""
-        ops = []
-        for key in keys:
-            check_key(key, region)
-            ops.append(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        ops = self._key_invalidations(keys, region)
         self._check_open()
         if not self._started:
             await self.start()
@@ -465,69 +421,20 @@ class AsyncNearCache:
         deadline = self._clock() + timeout
         while outbox.delivered < target:
             self._check_open()  # closed meanwhile: nothing more will be delivered
-            refused = self._core.publishing.flush_error(len(outbox))
+            refused = self._flush_refused()
             if refused is not None:
                 raise refused
             assert self._progress is not None
             self._progress.clear()
             if not await wait_event(self._progress, deadline - self._clock()):
-                raise FlushTimeoutError(
-                    f"{len(outbox)} invalidations on channel {self._channel!r} not "
-                    f"acknowledged by Redis within {timeout}s",
-                    pending=len(outbox),
-                )
-
-    def on_invalidation(self, callback: Callable[[Invalidation], None]) -> Callable[[], None]:
-        """Call ``callback(invalidation)`` for every invalidation received from another
-        instance, right after it was applied to L1; return a function that unregisters it.
-
-        It runs on the backplane's listener task, on the event loop: keep it short. Its
-        exceptions are logged and counted (``stats().listener_errors``), never propagated.
-        Own writes and local expiries are not reported.
-        """
-        listeners = self._core.listeners
-        listeners.append(callback)
-
-        def unregister() -> None:
-            if callback in listeners:
-                listeners.remove(callback)
-
-        return unregister
+                raise self._flush_timeout(timeout)
 
     # -- introspection --------------------------------------------------------------------
-
-    @property
-    def channel(self) -> str:
-        """The channel name on the wire."""
-        return self._channel
-
-    @property
-    def state(self) -> CacheState:
-        """The cache's lifecycle state."""
-        return self._state
-
-    @property
-    def backplane_state(self) -> BackplaneState | None:
-        """The backplane's state, or ``None`` for a local cache."""
-        return None if self._backplane is None else self._backplane.state
-
-    @property
-    def instance_id(self) -> str:
-        """The sender id this instance publishes under (hex); a new one after a minute
-        without publishing (see docs/protocol.md, "Sender id and sequence numbers")."""
-        return self._core.instance_id.hex()
 
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
         state = "local" if self._backplane is None else self._backplane.state.value
         return snapshot(self._core, state)
-
-    def __len__(self) -> int:
-        return len(self._core.store)
-
-    def __repr__(self) -> str:
-        where = self._settings.describe() if self._settings else "local"
-        return f"<AsyncNearCache channel={self._channel!r} on {where} {self._state.value}>"
 
     # -- the sender task ------------------------------------------------------------------
 
@@ -603,11 +510,6 @@ class AsyncNearCache:
 
     # -- values shared through the L2 and update messages (l2=True, propagate="update") ----
 
-    def _l2_usable(self) -> bool:
-        """L2 is tried only while the backplane is up: a down Redis costs no timeout."""
-        backplane = self._backplane
-        return backplane is not None and backplane.state is BackplaneState.CONNECTED
-
     async def _l2_load(
         self,
         key: Hashable,
@@ -628,18 +530,11 @@ class AsyncNearCache:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)
         return loaded.value, ttl
 
-    def _log_position(self) -> tuple[bytes, str] | None:
-        position = getattr(self._backplane, "log_position", None)
-        return position() if position is not None else None
 
-
-class _Listener:
+class _Listener(ListenerCommon):
     """Receives the backplane's reports (on the loop) and applies them."""
 
-    __slots__ = ("_cache",)
-
-    def __init__(self, cache: AsyncNearCache) -> None:
-        self._cache = cache
+    _cache: AsyncNearCache
 
     def on_message(self, payload: bytes) -> bool:
         core = self._cache._core
@@ -656,13 +551,6 @@ class _Listener:
 
     def on_confirmed(self, as_of: float) -> None:
         self._cache._core.confirmed(as_of)
-
-    def on_state(self, state: BackplaneState, reason: str | None) -> None:
-        if reason:
-            self._cache._core.last_error = reason
-            log.warning(
-                "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
-            )
 
     def on_publish_refused(self, reason: str) -> None:
         self._cache._core.publishing.refused_at_start(reason)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
@@ -13,30 +12,34 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nearcache._cached import Cached
 from nearcache._cancellation import STOP_GRACE
-from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
     CacheCore,
-    CacheOptions,
     CacheStats,
     check_key,
     check_region,
     check_ttl,
     snapshot,
 )
-from nearcache._core.codec import Invalidation, Kind, channel_name
+from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
-from nearcache._core.serializer import SafeSerializer
-from nearcache._core.sharing import new_sharing, sharing_options
+from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING
+from nearcache._drivers.common import (
+    CLOSED,
+    CacheCommon,
+    CacheState,
+    ClosedStore,
+    ListenerCommon,
+    normalize_secrets,
+)
 from nearcache._exceptions import (
-    BackplaneUnavailableError,
     CacheClosedError,
     FlushTimeoutError,
     PublishRefusedError,
     SerializationError,
 )
-from nearcache._typing import Backplane, BackplaneState, Clock, Serializer
+from nearcache._typing import Backplane, Clock, Serializer
 
 if TYPE_CHECKING:
     from nearcache._l2.redis import RedisL2
@@ -47,29 +50,7 @@ log = logging.getLogger("nearcache")
 T = TypeVar("T")
 
 
-class CacheState(enum.Enum):
-    """Lifecycle of a cache."""
-
-    #: Serving reads and writes (the backplane may still be connecting).
-    OPEN = "open"
-    #: Closed: every call raises CacheClosedError.
-    CLOSED = "closed"
-
-
-# A member read through its Enum class costs ~80 ns on Python 3.11, more than the rest of a
-# local set: the per-call state checks compare with this module constant instead.
-_CLOSED = CacheState.CLOSED
-
-
-def normalize_secrets(
-    secret: str | bytes | Mapping[str, str | bytes] | None,
-) -> dict[str, bytes]:
-    """Turn the ``secret=`` argument into key id → secret bytes (the first one signs)."""
-    if secret is None:
-        return {}
-    if isinstance(secret, str | bytes):
-        secret = {"k1": secret}
-    return {kid: s.encode() if isinstance(s, str) else s for kid, s in secret.items()}
+_CLOSED = CLOSED  # the hot paths compare with a module constant (see common.CLOSED)
 
 
 class _Outcome:
@@ -83,14 +64,7 @@ class _Outcome:
         self.error: BaseException | None = None
 
 
-class _ClosedStore:
-    """Stands in for the store once the cache is closed: every read refuses."""
-
-    def get(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
-        raise CacheClosedError("the cache is closed")
-
-    async def aget(self, key: Hashable, default: Any = None, region: str | None = None) -> Any:
-        raise CacheClosedError("the cache is closed")
+_ClosedStore = ClosedStore
 
 
 _live_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
@@ -105,7 +79,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python ha
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class NearCache:
+class NearCache(CacheCommon):
     """An in-process cache kept consistent with every other instance on the same channel.
 
     Args:
@@ -160,7 +134,10 @@ class NearCache:
         l2_timeout: float = L2Options.l2_timeout,
         update_max_bytes: int = L2Options.update_max_bytes,
     ) -> None:
-        self._options = CacheOptions(
+        self._configure(
+            connection,
+            channel,
+            backplane,
             max_entries=max_entries,
             ttl=ttl,
             sliding=sliding,
@@ -168,44 +145,21 @@ class NearCache:
             max_staleness=max_staleness,
             heartbeat_interval=heartbeat_interval,
             max_pending=max_pending,
-            secrets=normalize_secrets(secret),
+            secret=secret,
+            abort_connect=abort_connect,
             replay_log=replay_log,
             reconcile_interval=reconcile_interval,
+            clock=clock,
+            l2=l2,
+            propagate=propagate,
+            serializer=serializer,
+            l2_ttl=l2_ttl,
+            l2_max_bytes=l2_max_bytes,
+            l2_lease_ttl=l2_lease_ttl,
+            l2_lease_wait=l2_lease_wait,
+            l2_timeout=l2_timeout,
+            update_max_bytes=update_max_bytes,
         )
-        self._clock = clock
-        self._settings: RedisSettings | None = None
-        if connection is not None and backplane is not None:
-            raise ValueError("pass either a connection string or a backplane, not both")
-        if connection is not None:
-            self._settings = parse_connection_string(connection)
-            channel = channel_name(channel, self._settings.channel_prefix, self._settings.database)
-        elif backplane is not None:
-            channel = backplane.channel
-        self._channel = channel
-        self._sharing_options = sharing_options(
-            L2Options(
-                l2,
-                propagate,
-                serializer or SafeSerializer(),
-                l2_ttl,
-                l2_max_bytes,
-                l2_lease_ttl,
-                l2_lease_wait,
-                l2_timeout,
-                update_max_bytes,
-            ),
-            secrets=self._options.secrets,
-            replay_log=replay_log,
-            connection=connection is not None,
-            custom=backplane is not None,
-        )
-        self._abort_connect = (
-            abort_connect
-            if abort_connect is not None
-            else (self._settings.abort_connect if self._settings else False)
-        )
-        self._backplane = backplane
-        self._state = CacheState.OPEN
         self._init_runtime()
         _live_caches.add(self)
         if self._backplane is not None:
@@ -272,23 +226,10 @@ class NearCache:
         )
         self._sender.start()
         if self._abort_connect and not in_child:  # never block fork() on the network
-            timeout = self._settings.connect_timeout if self._settings else 5.0
-            where = self._settings.describe() if self._settings else repr(backplane)
-            if not backplane.wait_connected(timeout):
-                reason = getattr(backplane, "last_error", None) or "no answer"
+            error = self._start_error(backplane.wait_connected(self._connect_timeout()))
+            if error is not None:
                 self.close(timeout=0)
-                raise BackplaneUnavailableError(
-                    f"could not subscribe to channel {self._channel!r} on {where} within "
-                    f"{timeout}s ({reason}); pass abortConnect=False to start without Redis"
-                )
-            refused = self._core.publishing.flush_error(0)
-            if refused is not None:
-                self.close(timeout=0)
-                raise PublishRefusedError(
-                    f"Redis on {where} would refuse to publish on channel {self._channel!r} "
-                    f"({refused.reply}); pass abortConnect=False to start anyway",
-                    reply=refused.reply,
-                )
+                raise error
 
     def _after_fork(self) -> None:
         """In a forked child: own locks, id, connections and threads; keep the L1 contents
@@ -323,11 +264,7 @@ class NearCache:
             try:
                 self.flush(timeout)
             except (FlushTimeoutError, PublishRefusedError) as exc:
-                log.warning(
-                    "nearcache: closing channel %r with %d invalidations undelivered",
-                    self._channel,
-                    exc.pending,
-                )
+                self._closing_undelivered(exc)
             except CacheClosedError:
                 pass  # another thread's close() got there first
         with self._cond:
@@ -353,10 +290,6 @@ class NearCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _check_open(self) -> None:
-        if self._state is _CLOSED:
-            raise CacheClosedError(f"the cache on channel {self._channel!r} is closed")
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -474,10 +407,7 @@ class NearCache:
         Equivalent to calling :meth:`remove` for each key, at a fraction of the cost for
         bulk invalidations (e.g. after a batch update of the source of truth).
         """
-        ops = []
-        for key in keys:
-            check_key(key, region)
-            ops.append(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        ops = self._key_invalidations(keys, region)
         with self._lock:
             self._check_open()
             if self._core.local_many(ops):
@@ -514,71 +444,21 @@ class NearCache:
             target = outbox.accepted
             while outbox.delivered < target:
                 self._check_open()  # closed meanwhile: nothing more will be delivered
-                refused = self._core.publishing.flush_error(len(outbox))
+                refused = self._flush_refused()
                 if refused is not None:
                     raise refused
                 remaining = deadline - self._clock()
                 if remaining <= 0:
-                    raise FlushTimeoutError(
-                        f"{len(outbox)} invalidations on channel {self._channel!r} not "
-                        f"acknowledged by Redis within {timeout}s",
-                        pending=len(outbox),
-                    )
+                    raise self._flush_timeout(timeout)
                 self._cond.wait(remaining)
 
-    def on_invalidation(self, callback: Callable[[Invalidation], None]) -> Callable[[], None]:
-        """Call ``callback(invalidation)`` for every invalidation received from another
-        instance, right after it was applied to L1; return a function that unregisters it.
-
-        It runs on the backplane's listener thread, without the cache's lock: it may call
-        any method of the cache, ``close()`` included. Keep it short: the next invalidation
-        waits for it. Its exceptions are logged and counted (``stats().listener_errors``),
-        never propagated. Own writes and local expiries are not reported.
-        """
-        listeners = self._core.listeners
-        listeners.append(callback)
-
-        def unregister() -> None:
-            if callback in listeners:
-                listeners.remove(callback)
-
-        return unregister
-
     # -- introspection --------------------------------------------------------------------
-
-    @property
-    def channel(self) -> str:
-        """The channel name on the wire (for a local cache: the logical name given)."""
-        return self._channel
-
-    @property
-    def state(self) -> CacheState:
-        """The cache's lifecycle state."""
-        return self._state
-
-    @property
-    def backplane_state(self) -> BackplaneState | None:
-        """The backplane's state, or ``None`` for a local cache."""
-        return None if self._backplane is None else self._backplane.state
-
-    @property
-    def instance_id(self) -> str:
-        """The sender id this instance publishes under (hex); a new one after a minute
-        without publishing (see docs/protocol.md, "Sender id and sequence numbers")."""
-        return self._core.instance_id.hex()
 
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
         with self._lock:
             state = "local" if self._backplane is None else self._backplane.state.value
             return snapshot(self._core, state)
-
-    def __len__(self) -> int:
-        return len(self._core.store)
-
-    def __repr__(self) -> str:
-        where = self._settings.describe() if self._settings else "local"
-        return f"<NearCache channel={self._channel!r} on {where} {self._state.value}>"
 
     # -- the sender thread ----------------------------------------------------------------
 
@@ -661,11 +541,6 @@ class NearCache:
 
     # -- values shared through the L2 and update messages (l2=True, propagate="update") ----
 
-    def _l2_usable(self) -> bool:
-        """L2 is tried only while the backplane is up: a down Redis costs no timeout."""
-        backplane = self._backplane
-        return backplane is not None and backplane.state is BackplaneState.CONNECTED
-
     def _l2_load(
         self, key: Hashable, region: str | None, factory: Callable[[], T], ttl: float | None
     ) -> tuple[T, float | None]:
@@ -695,18 +570,11 @@ class NearCache:
             self.remove(key, region=region)
             raise
 
-    def _log_position(self) -> tuple[bytes, str] | None:
-        position = getattr(self._backplane, "log_position", None)
-        return position() if position is not None else None
 
-
-class _Listener:
+class _Listener(ListenerCommon):
     """Receives the backplane's reports and applies them under the cache's lock."""
 
-    __slots__ = ("_cache",)
-
-    def __init__(self, cache: NearCache) -> None:
-        self._cache = cache
+    _cache: NearCache
 
     def on_message(self, payload: bytes) -> bool:
         core = self._cache._core
@@ -730,13 +598,6 @@ class _Listener:
         cache = self._cache
         with cache._lock:
             cache._core.confirmed(as_of)
-
-    def on_state(self, state: BackplaneState, reason: str | None) -> None:
-        if reason:
-            self._cache._core.last_error = reason
-            log.warning(
-                "nearcache: backplane on %r is %s: %s", self._cache._channel, state.value, reason
-            )
 
     def on_publish_refused(self, reason: str) -> None:
         cache = self._cache
