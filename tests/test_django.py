@@ -130,6 +130,10 @@ def test_a_write_through_one_instance_evicts_the_other(redis_server: RedisServer
         ({"channel": 5}, r"OPTIONS\['channel'\] must be a non-empty str"),
         ({"abort_connect": "yes"}, r"OPTIONS\['abort_connect'\] must be True, False or None"),
         ({"secret": {"": b"x"}}, r"OPTIONS\['secret'\]"),
+        ({"secret": 5}, r"OPTIONS\['secret'\]: secret must be"),
+        # Django values (pickled copies with a process-local expiry) cannot travel yet.
+        ({"l2": True}, r"OPTIONS\['l2'\] = True is not supported"),
+        ({"propagate": "update"}, r"OPTIONS\['propagate'\] = 'update' is not supported"),
     ],
 )
 def test_bad_options_are_improperly_configured(

@@ -100,3 +100,19 @@ def test_an_app_without_init_app_says_so() -> None:
     """current_cache in an app that never called init_app: a clear error."""
     with make_app().app_context(), pytest.raises(RuntimeError, match="call FlaskNearCache"):
         current_cache.get("k")
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"channel": 5}, "channel"),
+        ({"abort_connect": "yes"}, "abort_connect"),
+        ({"secret": 5}, "secret"),
+    ],
+)
+def test_a_wrongly_typed_option_names_it(options: dict[str, Any], option: str) -> None:
+    """A wrong type is refused with ConfigurationError naming the option (it was accepted,
+    or failed with an AttributeError)."""
+    with pytest.raises(ConfigurationError, match=option) as info:
+        FlaskNearCache(make_app(NEARCACHE_OPTIONS=options))
+    assert info.value.option == option

@@ -173,6 +173,13 @@ def _check_options(options: object) -> dict[str, Any]:
             raise ImproperlyConfigured(
                 f"nearcache: OPTIONS['channel'] must be a non-empty str, not {value!r}"
             )
+        if (name == "l2" and value) or (name == "propagate" and value == "update"):
+            # A backend value is a pickled copy with a monotonic expiry of this process:
+            # neither the default serializer nor another process can use it.
+            raise ImproperlyConfigured(
+                f"nearcache: OPTIONS[{name!r}] = {value!r} is not supported by the Django "
+                "backend yet: its values cannot be shared through L2 or update messages"
+            )
         if name == "abort_connect" and value is not None and not isinstance(value, bool):
             raise ImproperlyConfigured(
                 f"nearcache: OPTIONS['abort_connect'] must be True, False or None, not {value!r}"

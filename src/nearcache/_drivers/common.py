@@ -24,6 +24,7 @@ from nearcache._core.sharing import sharing_options
 from nearcache._exceptions import (
     BackplaneUnavailableError,
     CacheClosedError,
+    ConfigurationError,
     FlushTimeoutError,
     PublishRefusedError,
 )
@@ -57,7 +58,26 @@ def normalize_secrets(
         return {}
     if isinstance(secret, str | bytes):
         secret = {"k1": secret}
+    if not isinstance(secret, Mapping):
+        raise ConfigurationError(
+            "secret must be a str, bytes, or a mapping of key ids to secrets, not "
+            f"{type(secret).__name__}",
+            option="secret",
+        )
     return {kid: s.encode() if isinstance(s, str) else s for kid, s in secret.items()}
+
+
+def check_arguments(channel: object, abort_connect: object) -> None:
+    """Refuse a wrongly typed ``channel`` or ``abort_connect``."""
+    if not isinstance(channel, str) or not channel:
+        raise ConfigurationError(
+            f"channel must be a non-empty str, not {channel!r}", option="channel"
+        )
+    if abort_connect is not None and not isinstance(abort_connect, bool):
+        raise ConfigurationError(
+            f"abort_connect must be True, False or None, not {abort_connect!r}",
+            option="abort_connect",
+        )
 
 
 class ClosedStore:
@@ -112,6 +132,7 @@ class CacheCommon:
         update_max_bytes: int,
     ) -> None:
         """Check and record the constructor's arguments (both drivers take the same)."""
+        check_arguments(channel, abort_connect)
         self._options = CacheOptions(
             max_entries=max_entries,
             ttl=ttl,
