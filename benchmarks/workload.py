@@ -195,7 +195,7 @@ def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, An
             cache.flush()
             return row[0]
 
-        return read, write, cache.close, lambda: cache.stats().hits
+        return read, write, cache.close, cache.stats
     if contender in (REDIS_ONLY, CSC):
         import redis
 
@@ -266,7 +266,7 @@ def app_process(
 ) -> dict[str, Any]:
     keys, kinds, hottest = _draws(seed)
     db = _Database(db_path)
-    read, write, close, l1_hits = _app(contender, url, db, channel)
+    read, write, close, stats = _app(contender, url, db, channel)
     if contender != REDIS_ONLY and not late:  # Redis-only's only cache was filled already
         for key in hottest[:prewarm]:  # a long-running app has its hot set cached
             read(key)
@@ -276,7 +276,8 @@ def app_process(
     control.report("ready")
     control.wait_go()
     db.latency = latency
-    hits_of = l1_hits or (lambda: len(r_key) - db.loads)  # a local cache: reads not loaded
+    # L1 hits: the cache's own counter; for a local cache, the reads not loaded.
+    hits_of = (lambda: stats().hits) if stats else (lambda: len(r_key) - db.loads)
     timeline: list[tuple[int, int, int, float]] = []  # (reads, loads, L1 hits, time) per window
     next_window = COLD_WINDOW if late else -1
     clock = time.monotonic
@@ -292,6 +293,7 @@ def app_process(
             if not measuring and now >= measure_from:
                 measuring, ops_before, loads_before, reads_before = True, i, db.loads, len(r_key)
                 hits_before = hits_of()
+                counters_before = _counters(stats)
             if now >= end:
                 break
             if len(r_key) >= next_window > 0:
@@ -319,6 +321,7 @@ def app_process(
     elapsed = clock() - measure_from
     loads, reads = db.loads - loads_before, len(r_key) - reads_before
     hits = hits_of() - hits_before
+    counters = {k: v - counters_before.get(k, 0) for k, v in _counters(stats).items()}
     close()
     base = os.path.join(out_dir, control.name)
     for suffix, data in (
@@ -335,7 +338,22 @@ def app_process(
         "loads_per_s": loads / elapsed,
         "hit_ratio": hits / reads if reads else math.nan,
         "timeline": timeline,
+        "counters": counters,
     }
+
+
+COUNTERS = (
+    "hits", "misses", "repairs", "loads", "l2_hits", "l2_lease_waits", "l2_fills_refused",
+    "l2_errors", "updates_received", "updates_fell_back", "updates_rejected", "rejected_loads",
+)  # fmt: skip
+
+
+def _counters(stats: Any) -> dict[str, int]:
+    """The cache's counters that explain its figures (nothing for the other contenders)."""
+    if stats is None:
+        return {}
+    snapshot = stats()
+    return {name: getattr(snapshot, name) for name in COUNTERS}
 
 
 def cold_start(
@@ -428,6 +446,10 @@ def _one_run(
                 "fleet_hit_ratio": fleet,
             }
         ops = sum(r["ops"] / r["elapsed"] for r in results.values())
+        counters: dict[str, int] = {}
+        for r in results.values():
+            for k, v in r["counters"].items():
+                counters[k] = counters.get(k, 0) + v
         loads_per_s = sum(r["loads_per_s"] for r in results.values())
         latencies = [x for r in results.values() for x in r["latencies"]]
         miss_ratios = [r["miss_ratio"] for r in results.values()]
@@ -439,6 +461,7 @@ def _one_run(
             "stale0": count_stale(out_dir, names, 0.0),
             "miss_ratio": sum(miss_ratios) / len(miss_ratios),
             "loads_per_s": loads_per_s,
+            "counters": counters,  # type: ignore[dict-item]
         }
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -510,6 +533,10 @@ def run(options: Options, env: Env) -> list[Row]:
                         latency / 1000, channel,
                     )  # fmt: skip
                     f = figures.setdefault((contender, latency), {})
+                    counters = r.pop("counters")
+                    if counters and rep == 0:
+                        shown = ", ".join(f"{k} {v:,}" for k, v in counters.items())
+                        env.notes.append(f"workload: {contender}, db +{latency:g} ms: {shown}")
                     for key, value in r.items():
                         f.setdefault(key, []).append(value)
                     db_path.unlink()

@@ -59,6 +59,10 @@ DRIVER_NAMES = {"sync": "NearCache (threads)", "async": "AsyncNearCache (asyncio
 # -- the instance process ----------------------------------------------------------------
 
 CONNECTION = "127.0.0.1:{port},abortConnect=False,connectTimeout=1000,syncTimeout=2000"
+SHARING_COUNTERS = (
+    "loads", "l2_hits", "l2_fills", "l2_fills_refused", "l2_lease_waits", "l2_errors",
+    "l2_corrupt", "updates_sent", "updates_fell_back", "updates_received", "updates_rejected",
+)  # fmt: skip
 DRIVERS = {"sync": ("sync",), "async": ("async",), "mix": ("sync", "async")}
 
 
@@ -96,6 +100,11 @@ class Load:
         if rng.random() >= self.args.write_ratio:
             return key, region, None
         roll = rng.random()
+        if self.args.l2 or self.args.propagate == "update":
+            # Half the writes carry the new value (write(): L2 and update messages).
+            roll = roll * 2 - 1
+            if roll < 0:
+                return key, region, "write"
         return key, region, "remove" if roll < 0.9 else "clear_region" if roll < 0.995 else "clear"
 
     def read(self, start: float, key: str, value: object, hit: bool) -> None:
@@ -139,14 +148,21 @@ def worker(args: argparse.Namespace) -> None:
         channel=args.channel,
         max_staleness=args.max_staleness,
         reconcile_interval=1.0,
+        l2=args.l2,
+        propagate=args.propagate,
     )
     load = Load(args)
     print(json.dumps({"ready": True}), flush=True)
     while (op := load.next()) is not None:
         key, region, write = op
-        if write is not None:
+        if write == "write":  # the source's new version is the value cached and shared
+            version = cache.write(key, lambda k=key: int(source.incr(k)), region=region)
+        elif write is not None:
             version = int(source.incr(key))
-            if write == "remove":
+        if write is not None:
+            if write == "write":
+                pass
+            elif write == "remove":
                 cache.remove(key, region=region)
             elif write == "clear_region":
                 cache.clear_region(region)
@@ -194,6 +210,8 @@ def async_worker(args: argparse.Namespace) -> None:
             channel=args.channel,
             max_staleness=args.max_staleness,
             reconcile_interval=1.0,
+            l2=args.l2,
+            propagate=args.propagate,
         )
         await cache.start()
         load = Load(args)
@@ -204,9 +222,18 @@ def async_worker(args: argparse.Namespace) -> None:
         async def run() -> None:
             while (op := load.next()) is not None:
                 key, region, write = op
-                if write is not None:
+                if write == "write":
+
+                    async def bump(k: str = key) -> int:
+                        return int(await source.incr(k))
+
+                    version = await cache.write(key, bump, region=region)
+                elif write is not None:
                     version = int(await source.incr(key))
-                    if write == "remove":
+                if write is not None:
+                    if write == "write":
+                        pass
+                    elif write == "remove":
                         await cache.remove(key, region=region)
                     elif write == "clear_region":
                         await cache.clear_region(region)
@@ -272,6 +299,7 @@ class Report:
     drivers: dict[str, int] = field(default_factory=dict)
     stale_by_driver: dict[str, int] = field(default_factory=dict)
     longest_close: float = 0.0
+    sharing: dict[str, int] = field(default_factory=dict)  # L2 / update counters, summed
 
     def ok(self) -> bool:
         """No stale read, and every instance's listener alive at the end."""
@@ -292,6 +320,11 @@ class Report:
             f"from the log, {self.losses:,} losses found live",
             f"listeners alive     {self.instances_connected_at_end:>10} / {self.instances}",
             f"longest close       {self.longest_close * 1000:>10.0f} ms  (at the end of the run)",
+            *(
+                ["L2 and updates      " + ", ".join(f"{k} {v:,}" for k, v in self.sharing.items())]
+                if any(self.sharing.values())
+                else []
+            ),
             "hit ratio around faults (1 s before -> 1 s after it healed):",
         ]
         lines.extend(
@@ -333,6 +366,7 @@ class Conductor:
                 "--channel", channel, "--duration", str(self.args.duration),
                 "--max-staleness", str(self.args.max_staleness), "--keys", str(self.args.keys),
                 "--write-ratio", str(self.args.write_ratio), "--seed", str(self.args.seed + i),
+                "--propagate", self.args.propagate, *(["--l2"] if self.args.l2 else []),
                 "--out", str(self.tmp / f"instance-{i}.json"),
             ]  # fmt: skip
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -468,6 +502,8 @@ class Conductor:
                         )
             stats = result["stats"]
             report.full_clears += stats["repairs"]
+            for name in SHARING_COUNTERS:
+                report.sharing[name] = report.sharing.get(name, 0) + stats.get(name, 0)
             report.replays += stats["replays"]
             report.losses += stats["losses"]
             report.malformed += stats["malformed_messages"]
@@ -549,6 +585,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tasks", type=int, default=3, help="tasks sharing the load in an asyncio instance (3)"
+    )
+    parser.add_argument(
+        "--l2",
+        action="store_true",
+        help="instances use the shared L2 (half the writes carry values)",
+    )
+    parser.add_argument(
+        "--propagate",
+        choices=("invalidate", "update"),
+        default="invalidate",
+        help="with update, a write sends the new value to the other instances",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--driver", choices=("sync", "async"), help=argparse.SUPPRESS)

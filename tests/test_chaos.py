@@ -23,3 +23,23 @@ def test_short_chaos_run_has_no_stale_read(redis_binary: str) -> None:
     assert report.reads > 1000
     assert report.writes > 50
     assert report.replays > 0  # some outages were repaired from the log, not by a wipe
+
+
+@pytest.mark.timeout(180)
+def test_short_chaos_run_with_l2_and_updates_has_no_stale_read(redis_binary: str) -> None:
+    """The same faults with the shared L2 and value-carrying writes (write() bumping the
+    source and sharing the new version): no stale read from L1, L2 or an update message."""
+    report = run_chaos(
+        duration=20.0,
+        instances=3,
+        fault_every=1.0,
+        max_staleness=1.0,
+        seed=11,
+        l2=True,
+        propagate="update",
+    )
+    print(report.render())
+    assert report.stale_reads == 0, report.stale_examples
+    assert report.instances_connected_at_end == 3
+    assert report.sharing["l2_hits"] > 0 and report.sharing["updates_received"] > 0
+    assert report.writes > 50

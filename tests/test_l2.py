@@ -198,14 +198,14 @@ def test_truncated_tags_are_refused() -> None:
 
 
 def test_lease_wait_backs_off_and_ends_at_the_deadline() -> None:
-    """Polls come at 1, 2, 4 ... ms, never past 25 ms apart, and stop at the deadline."""
+    """Polls come at 0.5, 1, 2 ... ms, never past 25 ms apart, and stop at the deadline."""
     wait = LeaseWait(100.0, 0.1)
     delays = []
     now = 100.0
     while (delay := wait.next_delay(now)) is not None:
         delays.append(delay)
         now += delay
-    assert delays[:4] == [0.001, 0.002, 0.004, 0.008]
+    assert delays[:4] == [0.0005, 0.001, 0.002, 0.004]
     assert max(delays) <= LeaseWait.CAP
     assert now == pytest.approx(100.1)
 

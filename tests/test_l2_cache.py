@@ -304,3 +304,58 @@ def test_l2_options_are_checked() -> None:
         NearCache("127.0.0.1:1,abortConnect=False", l2=True, replay_log=0)
     with pytest.raises(ConfigurationError, match="secret"):
         NearCache("redis://127.0.0.1:1/0", l2=True, serializer=PickleSerializer())
+
+
+def test_write_shares_the_value_it_wrote(fleet: Fleet) -> None:
+    """write() runs the change, caches and shares its result, and returns it."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    fleet.run(b.get_or_set("k", lambda: 1))
+    assert fleet.run(a.write("k", lambda: 2)) == 2
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k")) == 2)
+    assert fleet.run(a.get("k")) == 2 and a.stats().updates_fell_back == 0
+
+
+def test_a_write_racing_another_instance_never_leaves_the_older_value(fleet: Fleet) -> None:
+    """B writes the key while A's change runs (so the source's order is unknown): A's value
+    is sent as an invalidation and kept nowhere, and nobody ends with it."""
+    a, b, c = fleet.make(), fleet.make(), fleet.make()
+    fleet.prime(a, b, c)
+    gate = Gate(fleet.driver, value="A's")
+    pending = fleet.driver.spawn(lambda: a.write("k", gate.factory))
+    assert gate.started.wait(10)
+    fleet.run(b.write("k", lambda: "B's"))
+    fleet.run(b.flush())
+    wait_until(lambda: a.stats().invalidations_received >= 1)  # B's write reached A
+    gate.release()
+    assert pending.result(10) == "A's"
+    fleet.run(a.flush())
+    assert a.stats().updates_fell_back == 1
+    for cache in (a, b, c):
+        wait_until(lambda cache=cache: fleet.run(cache.get("k", MISSING)) != "A's")
+    assert fleet.in_l2("k") is None
+    assert fleet.run(c.get_or_set("k", lambda: "db")) in ("db", "B's")
+
+
+def test_a_failed_write_drops_the_key_everywhere(fleet: Fleet) -> None:
+    """If change() raises, the source may have changed: the key is dropped everywhere."""
+    a, b = fleet.make(), fleet.make()
+    fleet.prime(a, b)
+    fleet.run(b.get_or_set("k", lambda: "old"))
+
+    def change() -> Any:
+        raise KeyError("db failed half-way")
+
+    with pytest.raises(KeyError):
+        fleet.run(a.write("k", change))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k", MISSING)) is MISSING)
+
+
+def test_updates_without_l2_never_read_or_fill_l2(fleet: Fleet) -> None:
+    """propagate="update" alone keeps nothing in Redis: misses go to the factory."""
+    a = fleet.make(l2=False)
+    assert fleet.run(a.get_or_set("k", lambda: "db")) == "db"
+    assert fleet.in_l2("k") is None
+    assert (a.stats().l2_hits, a.stats().l2_fills, a.stats().l2_misses) == (0, 0, 0)

@@ -21,7 +21,7 @@ from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
 from nearcache._core.publishing import Publishing
 from nearcache._core.sharing import Sharing
-from nearcache._core.store import HIT_PATH, L1Store
+from nearcache._core.store import HIT_PATH, L1Store, Reservation
 from nearcache._exceptions import ConfigurationError, MessageError
 
 __all__ = [
@@ -368,6 +368,32 @@ class CacheCore:
         ``data``: the value serialized, to share it (L2, update message); ``since``: the log
         position this instance had applied (see :meth:`Sharing.operation`)."""
         self.store.set(key, value, region, ttl=ttl, sliding=sliding)
+        return self._queue_write(key, region, ttl, sliding, data, since)
+
+    def write(
+        self,
+        reservation: Reservation,
+        value: object,
+        ttl: float | None,
+        sliding: float | None,
+        data: bytes | None = None,
+        since: tuple[bytes, str] | None = None,
+    ) -> bool:
+        """:meth:`set` for a value produced by a write of the source that ran under
+        ``reservation`` (``NearCache.write``): kept in L1 only if nothing invalidated the key
+        meanwhile (it could be older than what arrived), sent to the others either way."""
+        self.store.commit(reservation, value, ttl=ttl, sliding=sliding)
+        return self._queue_write(reservation.key, reservation.region, ttl, sliding, data, since)
+
+    def _queue_write(
+        self,
+        key: Hashable,
+        region: str | None,
+        ttl: float | None,
+        sliding: float | None,
+        data: bytes | None,
+        since: tuple[bytes, str] | None,
+    ) -> bool:
         if not self.networked:
             return False
         was_idle = self.outbox.waiting == 0

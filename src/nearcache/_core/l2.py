@@ -450,14 +450,14 @@ def fill_call(
 
 
 class LeaseWait:
-    """When a process that did not get the lease polls L2 again: 1, 2, 4 ... ms, capped, for
+    """When a process that did not get the lease polls L2 again: 0.5, 1, 2 ... ms, capped, for
     at most ``wait`` seconds in all."""
 
     CAP = 0.025
 
     def __init__(self, now: float, wait: float) -> None:
         self.deadline = now + wait
-        self._delay = 0.001
+        self._delay = 0.0005
 
     def next_delay(self, now: float) -> float | None:
         """Seconds to sleep before the next poll, or None when the wait is over."""

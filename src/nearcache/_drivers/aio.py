@@ -321,7 +321,7 @@ class AsyncNearCache(CacheCommon):
                 return value  # type: ignore[no-any-return]
         flight = flights.start(key, region)
         try:
-            if self._l2 is not None:
+            if self._l2 is not None and self._l2.reads:
                 result, ttl = await self._l2_load(key, region, factory, ttl)
             else:
                 result = factory()
@@ -372,6 +372,41 @@ class AsyncNearCache(CacheCommon):
         since = self._log_position() if data is not None else None
         if self._core.set(key, value, region, ttl, sliding, data, since):
             self._kick()
+
+    async def write(
+        self,
+        key: Hashable,
+        change: Callable[[], Awaitable[T] | T],
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> T:
+        """Run ``change()`` (awaiting it if it returns an awaitable), which writes the source
+        of truth and returns the key's new value; cache and share it. See
+        :meth:`NearCache.write`."""
+        check_key(key, region)
+        self._check_open()
+        if not self._started:
+            await self.start()
+        since = self._log_position()
+        store = self._core.store
+        reservation = store.reserve(key, region)
+        try:
+            value = change()
+            if inspect.isawaitable(value):
+                value = await value
+            sharing = self._core.sharing
+            data = sharing.serialize(value, key, region) if sharing is not None else None
+        except BaseException:
+            store.release(reservation)
+            if self._state is CacheState.OPEN:
+                await self.remove(key, region=region)
+            raise
+        self._check_open()
+        if self._core.write(reservation, value, ttl, sliding, data, since):
+            self._kick()
+        return value
 
     async def remove(self, key: Hashable, *, region: str | None = None) -> None:
         """Drop ``key`` here and on every other instance."""

@@ -344,7 +344,7 @@ class NearCache(CacheCommon):
                 raise outcome.error
             return outcome.value  # type: ignore[return-value]
         try:
-            if self._l2 is not None:
+            if self._l2 is not None and self._l2.reads:
                 value, ttl = self._l2_load(key, region, factory, ttl)
             else:
                 value = factory()
@@ -395,6 +395,45 @@ class NearCache(CacheCommon):
                 self._cond.notify_all()
         finally:
             lock.release()
+
+    def write(
+        self,
+        key: Hashable,
+        change: Callable[[], T],
+        *,
+        region: str | None = None,
+        ttl: float | None = None,
+        sliding: float | None = None,
+    ) -> T:
+        """Run ``change()``, which writes the source of truth and returns the key's new value;
+        cache that value here and share it like :meth:`set`; return it.
+
+        Unlike ``set`` after your own write, this is safe when another instance writes the
+        same key at the same time: where the two could have reached the source in either
+        order, the value is sent as an invalidation instead (with ``l2=True`` or
+        ``propagate="update"``: the log position is taken before ``change`` runs, and the
+        publish script checks every write logged since), and it is kept in this L1 only if
+        nothing invalidated the key while ``change`` ran. If ``change`` raises, the key is
+        dropped everywhere (the source may have changed) and the error propagates.
+        """
+        check_key(key, region)
+        with self._lock:
+            self._check_open()
+            since = self._log_position()
+            reservation = self._core.store.reserve(key, region)
+        try:
+            value = change()
+            data = self._serialize(key, value, region)
+        except BaseException:
+            with self._lock:
+                self._core.store.release(reservation)
+            self.remove(key, region=region)
+            raise
+        with self._lock:
+            self._check_open()
+            if self._core.write(reservation, value, ttl, sliding, data, since):
+                self._cond.notify_all()
+        return value
 
     def remove(self, key: Hashable, *, region: str | None = None) -> None:
         """Drop ``key`` here and on every other instance."""

@@ -53,6 +53,8 @@ class AsyncRedisL2:
         self._log_length = log_length
         self._usable = usable
         options = sharing.options
+        # Reads go through L2 only with l2=True (propagate="update" alone only publishes here).
+        self.reads = sharing.l2
         self._lease_ttl = options.l2_lease_ttl
         self._timeout = options.l2_timeout
         read_kwargs = _async_kwargs(l2_client_kwargs(settings, options.l2_timeout))

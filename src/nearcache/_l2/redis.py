@@ -58,6 +58,8 @@ class RedisL2:
         self._log_length = log_length
         self._usable = usable
         options = sharing.options
+        # Reads go through L2 only with l2=True (propagate="update" alone only publishes here).
+        self.reads = sharing.l2
         self._lease_ttl = options.l2_lease_ttl
         self._client = redis.Redis(**l2_client_kwargs(settings, options.l2_timeout))
         self._publisher = redis.Redis(**make_client_kwargs(settings))
