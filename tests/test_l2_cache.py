@@ -105,7 +105,7 @@ def test_a_miss_is_loaded_once_and_then_served_from_l2(fleet: Fleet) -> None:
     assert fleet.run(b.get_or_set("k", factory("other", calls), region="r")) == {"v": 1}
     assert calls == [{"v": 1}]
     assert (a.stats().l2_fills, b.stats().l2_hits, b.stats().loads) == (1, 1, 0)
-    assert b.get("k", None, "r") is not None  # now in B's L1 too
+    assert fleet.run(b.get("k", None, "r")) == {"v": 1}  # now in B's L1 too
 
 
 def test_set_writes_l2_and_updates_other_copies(fleet: Fleet) -> None:
