@@ -58,7 +58,8 @@ def subscribers(server: RedisServer, wire: str) -> int:
 
 
 def test_demo_with_private_redis_converges(redis_binary: str) -> None:
-    """The default demo (private Redis, 3 processes, outage) passes every check and says so."""
+    """The default demo (private Redis, 3 processes, a 4th joining late and warming from the
+    L2, outage) passes every check and says so."""
     result = run_cli(
         ["demo", "--quiet", "--duration", "3", "--instances", "3"],
         timeout=DEMO_TIMEOUT,
@@ -70,7 +71,8 @@ def test_demo_with_private_redis_converges(redis_binary: str) -> None:
     assert re.search(r"propagation latency .*: p50 [\d.]+ (us|µs|ms), p99 [\d.]+ (us|µs|ms)", out)
     assert re.search(r"outage recovery: Redis down [\d.]+ s; reads kept flowing", out)
     assert "every backplane reconnected by itself" in out
-    assert "converged: all 3 instances serve the SQLite version" in out
+    assert re.search(r"D warmed from L2: (\d+) of its \1 first reads came from Redis, 0 from", out)
+    assert "converged: all 4 instances serve the SQLite version" in out
     assert re.search(r"result: all \d+ checks passed", out)
     assert "FAIL" not in out
 
@@ -89,7 +91,7 @@ def test_demo_with_given_redis_skips_the_outage(redis_server: RedisServer) -> No
     assert "outage step skipped" in out
     assert "outage recovery" not in out
     assert "propagation latency" in out
-    assert "converged: all 3 instances" in out
+    assert "converged: all 4 instances" in out
     with redis_server.client() as client:
         assert set(client.scan_iter("nearcache:v1:demo-*")) <= before
 

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from nearcache._cli.demo.catalog import (
     PRODUCT_COUNT,
     REGIONS,
+    CatalogSerializer,
     Price,
     Product,
     connect,
@@ -112,6 +113,7 @@ class Instance:
         self._counts_lock = threading.Lock()
         self.reads = 0
         self.hits = 0  # reads served from L1
+        self.l2_hits = 0  # reads served from the shared L2 (Redis), not from SQLite
         self.loads = 0  # loads from SQLite made by a read (others joined a load in flight)
         self.errors = 0
         self._load_on = threading.Event()
@@ -126,6 +128,8 @@ class Instance:
             channel=str(config["channel"]),
             max_staleness=self.max_staleness,
             abort_connect=False,
+            l2=bool(config.get("l2", True)),
+            serializer=CatalogSerializer(),
         )
         self._loader = threading.Thread(target=self._load_loop, name="demo-load", daemon=True)
 
@@ -186,18 +190,24 @@ class Instance:
             return load(self._conn(), region, product_id, now)
 
         started = time.monotonic()
+        key = str(product_id)
         try:
-            value = self.cache.get_or_set(str(product_id), from_sqlite, region=region)
+            value = self.cache.get(key, MISSING, region)
+            hit = value is not MISSING
+            if not hit:
+                value = self.cache.get_or_set(key, from_sqlite, region=region)
         except Exception:
             with self._counts_lock:
                 self.errors += 1
             self._outage.add(started, "error", 0.0)
             raise
         # Joining another thread's load counts as SQLite too: the value is fresh either way.
-        source = "sqlite" if loaded or value.loaded_at >= started else "l1"
+        # A miss that neither loaded nor joined a fresh load was answered by the L2.
+        source = "l1" if hit else "sqlite" if loaded or value.loaded_at >= started else "l2"
         with self._counts_lock:
             self.reads += 1
             self.hits += source == "l1"
+            self.l2_hits += source == "l2"
             self.loads += bool(loaded)
         self._outage.add(started, source, value.loaded_at)
         return value, source
@@ -225,6 +235,7 @@ class Instance:
         state = self.cache.backplane_state
         with self._counts_lock:
             reads, hits, loads, errors = self.reads, self.hits, self.loads, self.errors
+            l2_hits = self.l2_hits
         return {
             "state": "local" if state is None else state.value,
             "entries": stats.entries,
@@ -246,6 +257,7 @@ class Instance:
             "last_error": stats.last_error,
             "reads": reads,
             "loads": loads,
+            "l2_hits": l2_hits,
             "errors": errors,
         }
 

@@ -62,7 +62,7 @@ _START_TIMEOUT = 20.0
 _UPDATE_EVERY = 0.25
 _SAMPLE = list(range(1, 11))  # products warmed and checked by the clear steps
 _OUTAGE_PRODUCT = 7
-_SOURCES = {"l1": "L1", "sqlite": "SQLite"}
+_SOURCES = {"l1": "L1", "l2": "L2 (Redis)", "sqlite": "SQLite"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> int:
     reason = None if options.quiet else plain_output_reason()
     if reason is not None:
         out.write(f"nearcache demo: {reason}\n")
-    names = [chr(ord("A") + i) for i in range(options.instances)]
+    names = [chr(ord("A") + i) for i in range(options.instances + 1)]  # + one that joins late
     channel = options.channel or f"demo-{secrets.token_hex(3)}"
     board = Board(names, out, live=not options.quiet and reason is None)
     with (
@@ -172,18 +172,24 @@ def _settings(connection: str) -> RedisSettings:
 
 
 def _drop_replay_log(connection: str, channel: str) -> None:
-    """Delete the replay log the instances kept in a Redis given with ``--redis``."""
+    """Delete the replay log and the L2 the instances kept in a Redis given with ``--redis``
+    (the L2's values by SCAN: an operator's clean-up, not the cache's own path)."""
     import redis
 
     from nearcache._backplane.redis import log_keys, make_client_kwargs
     from nearcache._core.codec import channel_name
+    from nearcache._core.l2 import generation_keys, value_keys
 
     settings = _settings(connection)
+    wire = channel_name(channel, settings.channel_prefix, settings.database)
+    values = value_keys(wire, None, "")[0].split("{")[0] + "*"
     with (
         contextlib.suppress(redis.RedisError, OSError),
         redis.Redis(**make_client_kwargs(settings)) as client,
     ):
-        client.delete(*log_keys(channel_name(channel, settings.channel_prefix, settings.database)))
+        client.delete(*log_keys(wire), *generation_keys(wire))
+        for key in client.scan_iter(values, count=1000):
+            client.delete(key)
 
 
 @contextlib.contextmanager
@@ -291,6 +297,7 @@ class _Demo:
         self._clear_region(writer, others)
         self._clear_all(writer)
         self._load()
+        self._late_join()
         if self.private is None:
             self.board.step("step 6/6: Redis outage -- skipped")
             self.board.note(
@@ -313,17 +320,15 @@ class _Demo:
             "max_staleness": self.options.max_staleness,
         }
         started = time.monotonic()
-        for index, name in enumerate(board.names):
-            self.instances.append(
-                InstanceProcess.spawn(name, {**config, "seed": index + 1}, self.workdir)
-            )
-        for instance in self.instances:
-            try:
-                instance.wait_started(_START_TIMEOUT)
-            except InstanceError as exc:
-                tail = instance.log_tail()
-                raise InstanceError(f"{exc}\n{tail}" if tail else str(exc)) from None
-            board.ids[instance.name] = instance.instance_id
+        self._config = config
+        names = board.names[: self.options.instances]  # the last one joins late
+        starting = [
+            InstanceProcess.spawn(name, {**config, "seed": index + 1}, self.workdir)
+            for index, name in enumerate(names)
+        ]
+        for instance in starting:
+            self._started(instance)
+            self.instances.append(instance)
         self._wait_stats(lambda _, s: s["state"] == "connected", 15.0, "connected")
         board.check(
             True,
@@ -334,6 +339,19 @@ class _Demo:
         if self.board.live:
             self.poller = threading.Thread(target=self._poll_stats, daemon=True)
             self.poller.start()
+
+    def _spawn(self, name: str, index: int) -> InstanceProcess:
+        instance = InstanceProcess.spawn(name, {**self._config, "seed": index + 1}, self.workdir)
+        self._started(instance)
+        return instance
+
+    def _started(self, instance: InstanceProcess) -> None:
+        try:
+            instance.wait_started(_START_TIMEOUT)
+        except InstanceError as exc:
+            tail = instance.log_tail()
+            raise InstanceError(f"{exc}\n{tail}" if tail else str(exc)) from None
+        self.board.ids[instance.name] = instance.instance_id
 
     def _stats(self) -> dict[str, dict[str, Any]]:
         calls = [(i, i.send("stats")) for i in self.instances]
@@ -428,15 +446,18 @@ class _Demo:
     def _read_everywhere(self) -> None:
         board = self.board
         board.step(f"step 1/6: every instance reads product {HOT_PRODUCT}")
-        first = self._each(self.instances, "read", region="products", key=HOT_PRODUCT)
+        loader, *rest = self.instances
+        first = [loader.call("read", region="products", key=HOT_PRODUCT)]
+        first += self._each(rest, "read", region="products", key=HOT_PRODUCT)
         second = self._each(self.instances, "read", region="products", key=HOT_PRODUCT)
         self._each(self.instances, "read", region="prices", key=HOT_PRODUCT)
-        names = ", ".join(i.name for i in self.instances)
+        names = ", ".join(i.name for i in rest)
         board.check(
-            all(r["source"] == "sqlite" for r in first)
+            first[0]["source"] == "sqlite"
+            and all(r["source"] == "l2" for r in first[1:])
             and all(r["source"] == "l1" for r in second),
-            f"{names} loaded product {HOT_PRODUCT} (v{first[0]['version']}) from SQLite once, "
-            "then served it from L1",
+            f"{loader.name} loaded product {HOT_PRODUCT} (v{first[0]['version']}) from SQLite, "
+            f"{names} got it from the shared L2 (Redis); then every instance served it from L1",
         )
 
     def _update_hot_product(
@@ -464,7 +485,7 @@ class _Demo:
         for region in REGIONS:
             replies = self._each(others, "read", region=region, key=HOT_PRODUCT)
             board.check(
-                all(r["source"] == "sqlite" and r["version"] == version for r in replies),
+                all(r["source"] in ("sqlite", "l2") and r["version"] == version for r in replies),
                 f"next read of {region}/{HOT_PRODUCT}: "
                 + ", ".join(
                     f"{o.name} v{r['version']} from {_SOURCES[r['source']]}"
@@ -507,6 +528,34 @@ class _Demo:
         board.check(
             all(v is not None for v in latencies.values()) and not any(left),
             f"every instance is empty ({self._latency_text(latencies)})",
+        )
+
+    def _late_join(self) -> None:
+        """A new instance joins the warm fleet: its reads come from L2, not from SQLite."""
+        board = self.board
+        name = board.names[len(self.instances)]
+        board.step(f"late join: instance {name} starts with an empty L1 and reads products")
+        warm = self.instances[0]
+        for region in REGIONS:  # what the fleet reads is in L2 (a clear step emptied it)
+            warm.call("read", region=region, keys=_SAMPLE)
+        late = self._spawn(name, len(self.instances))
+        deadline = time.monotonic() + 15.0
+        while (before := late.call("stats"))["state"] != "connected":
+            if time.monotonic() > deadline:
+                raise InstanceError(f"{name} did not connect within 15 s")
+            self.stop.wait(0.05)
+        for region in REGIONS:
+            late.call("read", region=region, keys=_SAMPLE)
+        after = late.call("stats")
+        from_l2 = after["l2_hits"] - before["l2_hits"]
+        loads = after["loads"] - before["loads"]
+        reads = after["reads"] - before["reads"]
+        self.instances.append(late)
+        late.call("load", on=True)  # from now on it serves background reads like the others
+        board.check(
+            loads == 0 and from_l2 == reads,
+            f"{name} warmed from L2: {from_l2} of its {reads} first reads came from Redis, "
+            f"{loads} from SQLite",
         )
 
     def _load(self) -> None:
