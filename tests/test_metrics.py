@@ -220,3 +220,55 @@ def otel_points(reader: Any) -> dict[tuple[str, tuple[tuple[str, Any], ...]], An
                     key = (metric.name, tuple(sorted(point.attributes.items())))
                     points[key] = getattr(point, "value", point)
     return points
+
+
+def test_prometheus_a_second_collector_on_one_registry_is_refused() -> None:
+    """Two collectors on one registry would expose every family twice, an exposition that
+    Prometheus rejects whole: the registry refuses the second one when it is registered."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry
+
+    from nearcache.prometheus import NearCacheCollector
+
+    with NearCache(channel="a") as a, NearCache(channel="b") as b:
+        registry = CollectorRegistry()
+        registry.register(NearCacheCollector(a))
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            registry.register(NearCacheCollector(b))
+        assert scrape(registry)[("nearcache_misses_total", (("channel", "a"),))] == 0
+
+
+def test_opentelemetry_instrument_called_for_each_cache() -> None:
+    """instrument(a) then instrument(b) on one meter provider reports both caches (the
+    second one's instruments were dropped as duplicates); closing one stops only its
+    reports, and a cache can be instrumented again; one channel twice is refused."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from nearcache.opentelemetry import instrument
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        with NearCache(channel="a") as a, NearCache(channel="b") as b:
+            first = instrument(a, meter_provider=provider)
+            second = instrument(b, meter_provider=provider)
+            a.get(1)
+            b.get(1)
+            b.get(2)
+            points = otel_points(reader)
+            assert points[("nearcache.misses", (("channel", "a"),))] == 1
+            assert points[("nearcache.misses", (("channel", "b"),))] == 2
+            with pytest.raises(ValueError, match="two caches on channel 'a'"):
+                instrument(a, meter_provider=provider)
+            first.close()
+            b.get(3)
+            assert otel_points(reader)[("nearcache.misses", (("channel", "b"),))] == 3
+            again = instrument(a, meter_provider=provider)
+            a.get(2)
+            assert otel_points(reader)[("nearcache.misses", (("channel", "a"),))] == 2
+            again.close()
+            second.close()
+    finally:
+        provider.shutdown()

@@ -18,6 +18,7 @@ the fork (the SDK's exporters do not survive ``fork()`` either).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,14 +48,15 @@ __all__ = ["Instruments", "instrument"]
 _GAUGE_NAMES = {"entries": "entries", "pending": "pending_invalidations"}
 
 
-class Instruments:
-    """The instruments of :func:`instrument`; :meth:`close` stops their reports."""
+class _Reporter:
+    """The instruments of one meter, reporting every cache instrumented on it: a meter makes
+    each instrument once (a second one of the same name is dropped with its callbacks), so
+    every :func:`instrument` call on one meter shares these."""
 
-    def __init__(self, caches: dict[str, Any], meter: metrics.Meter) -> None:
-        self._caches = caches
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.caches: dict[str, Any] = {}
+        self.lock = threading.Lock()
         self._stats: dict[str, Any] = {}
-        self._closed = False
-        self._observers: list[tuple[list[Callable[[float], None]], Callable[[float], None]]] = []
         for i, m in enumerate(COUNTERS):
             meter.create_observable_counter(
                 f"nearcache.{m.field}",
@@ -79,12 +81,74 @@ class Instruments:
                 unit="s" if m.field == "load_seconds" else "",
                 description=m.help,
             )
-        latency = meter.create_histogram(
+        self.latency = meter.create_histogram(
             "nearcache.apply_latency",
             unit="s",
             description=APPLY_LATENCY_HELP,
             explicit_bucket_boundaries_advisory=list(APPLY_LATENCY_BOUNDS),
         )
+
+    def _stat_callback(
+        self, field: str, *, refresh: bool
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            # One stats() per cache and collection: the SDK runs the callbacks in the order
+            # the instruments were made, and the first one takes the snapshot.
+            if refresh or not self._stats:
+                with self.lock:
+                    caches = list(self.caches.items())
+                self._stats = {ch: cache.stats() for ch, cache in caches}
+            return [
+                Observation(getattr(stats, field), {"channel": channel})
+                for channel, stats in self._stats.items()
+            ]
+
+        return callback
+
+    def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(1 if stats.backplane == state else 0, {"channel": ch, "state": state})
+            for ch, stats in self._stats.items()
+            for state in STATES
+        ]
+
+    def _region_callback(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            with self.lock:
+                caches = list(self.caches.items())
+            return [
+                Observation(getattr(loads, field), {"channel": channel, "region": region})
+                for channel, cache in caches
+                for region, loads in sorted(region_loads(cache).items())
+            ]
+
+        return callback
+
+
+_reporters: dict[Any, _Reporter] = {}  # by meter
+_reporters_lock = threading.Lock()
+
+
+class Instruments:
+    """What one :func:`instrument` call reports; :meth:`close` stops its reports."""
+
+    def __init__(self, caches: dict[str, Any], meter: metrics.Meter) -> None:
+        with _reporters_lock:
+            reporter = _reporters.get(meter)
+            if reporter is None:
+                reporter = _reporters[meter] = _Reporter(meter)
+        self._reporter = reporter
+        with reporter.lock:
+            for channel in caches:
+                if channel in reporter.caches:
+                    raise ValueError(
+                        f"two caches on channel {channel!r}: their series would collide; "
+                        "close the other's Instruments, or use another meter provider"
+                    )
+            reporter.caches.update(caches)
+        self._caches = caches
+        self._observers: list[tuple[list[Callable[[float], None]], Callable[[float], None]]] = []
+        latency = reporter.latency
         for channel, cache in caches.items():
             attributes = {"channel": channel}
 
@@ -96,47 +160,16 @@ class Instruments:
             observers.append(record)
             self._observers.append((observers, record))
 
-    def _stat_callback(
-        self, field: str, *, refresh: bool
-    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            if self._closed:
-                return []
-            # One stats() per cache and collection: the SDK runs the callbacks in the order
-            # the instruments were made, and the first one takes the snapshot.
-            if refresh or not self._stats:
-                self._stats = {ch: cache.stats() for ch, cache in self._caches.items()}
-            return [
-                Observation(getattr(stats, field), {"channel": channel})
-                for channel, stats in self._stats.items()
-            ]
-
-        return callback
-
-    def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
-        if self._closed:
-            return []
-        return [
-            Observation(1 if stats.backplane == state else 0, {"channel": ch, "state": state})
-            for ch, stats in self._stats.items()
-            for state in STATES
-        ]
-
-    def _region_callback(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            if self._closed:
-                return []
-            return [
-                Observation(getattr(loads, field), {"channel": channel, "region": region})
-                for channel, cache in self._caches.items()
-                for region, loads in sorted(region_loads(cache).items())
-            ]
-
-        return callback
-
     def close(self) -> None:
-        """Stop reporting (OpenTelemetry cannot remove instruments: they report nothing)."""
-        self._closed = True
+        """Stop reporting these caches (OpenTelemetry cannot remove instruments: the other
+        caches instrumented on the same meter go on reporting)."""
+        reporter = self._reporter
+        with reporter.lock:
+            for channel, cache in self._caches.items():
+                if reporter.caches.get(channel) is cache:
+                    del reporter.caches[channel]
+            reporter._stats = {}
+        self._caches = {}
         for observers, record in self._observers:
             if record in observers:
                 observers.remove(record)

@@ -16,7 +16,7 @@ current state); the histogram ``nearcache_apply_latency_seconds``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 from typing import Any
 
@@ -61,12 +61,16 @@ class NearCacheCollector(Collector):
         self._caches = caches_by_channel(caches)
         self._ns = namespace
 
-    def describe(self) -> list[Metric]:
-        """Nothing: the metrics are made at collection (no registration-time scrape)."""
-        return []
+    def describe(self) -> Iterator[Metric]:
+        """The metric families, empty (no stats are read): a registry refuses a second
+        collector whose names would collide, rather than expose every family twice."""
+        return self._families(())
 
     def collect(self) -> Iterator[Metric]:
         """The metrics of every cache, as of now."""
+        return self._families(self._caches.items())
+
+    def _families(self, caches: Iterable[tuple[str, Any]]) -> Iterator[Metric]:
         ns = self._ns
         counters = {
             m.field: CounterMetricFamily(f"{ns}_{m.field}", m.help, labels=["channel"])
@@ -88,7 +92,7 @@ class NearCacheCollector(Collector):
             m.field: CounterMetricFamily(f"{ns}_{m.field}", m.help, labels=["channel", "region"])
             for m in REGION_COUNTERS
         }
-        for channel, cache in self._caches.items():
+        for channel, cache in caches:
             stats = cache.stats()
             for name, family in counters.items():
                 family.add_metric([channel], getattr(stats, name))
