@@ -265,3 +265,53 @@ def test_async_decorator_caches_shares_loads_and_invalidates() -> None:
             await fetch(2)
 
     asyncio.run(main())
+
+
+def test_str_keys_do_not_depend_on_the_unicode_database() -> None:
+    """A str argument is written with every non-ASCII character escaped. repr() prints what
+    the running Python's Unicode database calls printable and escapes the rest, and that
+    changes between versions (U+1FAE8 is printed by 3.12, escaped by 3.11): processes of two
+    Python versions (a rolling upgrade) would cache and invalidate one call under two keys."""
+    key = call_key(lookup, ("\xe9\U0001fae8\n'\\",), {})
+    assert key.isascii()
+    assert key.startswith("tests.test_decorator.lookup(pid='\\xe9\\U0001fae8\\n\\'\\\\', ")
+    assert call_key(lookup, ("a'",), {}) != call_key(lookup, ("a\\'",), {})
+
+
+def test_a_method_is_cached_with_a_key_function(cache: NearCache) -> None:
+    """A decorated method binds like a function (obj.method(...) passes obj), and key=
+    leaves self out of the key, as docs/decorator.md says to do."""
+
+    class Shop:
+        def __init__(self) -> None:
+            self.loads = 0
+
+        @cache.cached(region="shop", key=lambda self, pid: f"product:{pid}")
+        def product(self, pid: int) -> dict[str, int]:
+            self.loads += 1
+            return {"pid": pid}
+
+    shop = Shop()
+    assert shop.product(1) == shop.product(1) == {"pid": 1}
+    assert shop.loads == 1
+    assert shop.product.cache_key(1) == "product:1"
+    assert cache.get("product:1", region="shop") == {"pid": 1}
+    shop.product.invalidate(1)
+    assert shop.product(pid=1) == {"pid": 1}
+    assert shop.loads == 2
+    assert Shop.product.region == shop.product.region == "shop"
+
+    async def main() -> None:
+        async with AsyncNearCache() as acache:
+
+            class AsyncShop:
+                @acache.cached(key=lambda self, pid: pid)
+                async def product(self, pid: int) -> int:
+                    return pid * 2
+
+            ashop = AsyncShop()
+            assert await ashop.product(2) == 4
+            await ashop.product.invalidate(2)
+            assert await acache.get(2, region=AsyncShop.product.region) is None
+
+    asyncio.run(main())

@@ -86,7 +86,10 @@ def _write(value: object, out: list[str], where: str, depth: int) -> None:
     elif isinstance(value, float):
         out.append(float.__repr__(value))
     elif isinstance(value, str):
-        out.append(str.__repr__(value))
+        # ASCII only, by code point: repr() prints what the running Python's Unicode database
+        # calls printable, which changes between versions (a key must not).
+        escaped = value.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+        out.append(f"'{escaped}'")
     elif isinstance(value, bytes):
         out.append(bytes.__repr__(value))
     elif isinstance(value, decimal.Decimal | fractions.Fraction | datetime.timedelta):
@@ -237,6 +240,36 @@ class _Base(Generic[P, R]):
         if self._key_fn is not None:
             return self._key_fn(*args, **kwargs)
         return call_key(self.__wrapped__, args, kwargs, self._signature)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """On a class, bind as a function does: ``obj.method(...)`` passes ``obj`` first
+        (pass ``key=`` to leave it out of the key)."""
+        return self if instance is None else _BoundMethod(self, instance)
+
+
+class _BoundMethod:
+    """A decorated method of one instance: calls, ``invalidate`` and ``cache_key`` get the
+    instance as their first argument; everything else is the decorated function's."""
+
+    __slots__ = ("_function", "_instance")
+
+    def __init__(self, function: _Base[Any, Any], instance: object) -> None:
+        self._function = function
+        self._instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self._instance, *args, **kwargs)  # type: ignore[operator]
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        """The decorated function's ``invalidate``, for a call on this instance."""
+        return self._function.invalidate(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> Hashable:
+        """The key of a call on this instance."""
+        return self._function.cache_key(self._instance, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
 
 
 class CachedFunction(_Base[P, R]):
