@@ -180,7 +180,10 @@ class AsyncRedisBackplane(RedisBackplaneBase):
                 reply, failed = None, None
                 self._check_closing()
                 try:
-                    reply = await self._execute(command)
+                    if type(command) is Receive:  # the hot path, inline
+                        reply = await self._pubsub.get_message(timeout=command.timeout)
+                    else:
+                        reply = await self._execute(command)
                 except Exception as exc:
                     self._check_closing()  # the failure is aclose cutting the socket: just stop
                     failed = failure(exc)

@@ -358,7 +358,10 @@ class RedisBackplane(RedisBackplaneBase):
                 command = flow.send(reply) if failed is None else flow.throw(failed)
                 reply, failed = None, None
                 try:
-                    reply = self._execute(command)
+                    if type(command) is Receive:  # the hot path, inline
+                        reply = self._pubsub.get_message(timeout=command.timeout)
+                    else:
+                        reply = self._execute(command)
                 except Exception as exc:
                     failed = failure(exc)
         finally:

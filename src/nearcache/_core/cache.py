@@ -539,7 +539,14 @@ class CacheCore:
             self.stats.own_messages += 1
             return True
         self.stats.messages_received += 1
-        gap, trusted = self._sequence_check(message.sender, message.sequence, arrived)
+        sender, sequence = message.sender, message.sequence
+        known = self._senders.get(sender)
+        if known is not None and sequence == known[0] + 1 and arrived < self._next_sweep:
+            # The common case inline (the listener's hot path): a known sender's next message.
+            self._senders[sender] = (sequence, arrived)
+            gap, trusted = False, True
+        else:
+            gap, trusted = self._sequence_check(sender, sequence, arrived)
         if gap:
             # A message of this sender never reached us while the subscription stayed up:
             # whatever it invalidated may be held here. Drop L1 (locally only).
@@ -567,22 +574,24 @@ class CacheCore:
         (a gap), and whether it is the next one of a sender known since L1 was last dropped
         (only such a message's values are trusted: a replayed or reordered one could carry
         an older value)."""
-        horizon = min(self._confirmed_at, now)
         known = self._senders.get(sender)
         if known is None:
             # Not heard since the table was reset, or forgotten. Its previous message (if it
             # is not its first) was published at most SENDER_IDLE before this one: once the
             # table is older than SENDER_MEMORY, that message should be in it. (A forgotten
             # sender never comes back under the same id without such a loss.)
-            last = 0
+            horizon = min(self._confirmed_at, now)
             gap = sequence != 1 and horizon - self._senders_since > SENDER_MEMORY
+            self._senders[sender] = (sequence, now)
+            trusted = False
         else:
             last = known[0]
             gap = sequence > last + 1
-        self._senders[sender] = (max(sequence, last), now)
+            trusted = sequence == last + 1
+            self._senders[sender] = (sequence if sequence > last else last, now)
         if now >= self._next_sweep:
             self._forget_silent_senders(now)
-        return gap, known is not None and sequence == last + 1
+        return gap, trusted
 
     def _forget_silent_senders(self, now: float) -> None:
         """Forget senders not heard from for SENDER_MEMORY seconds before the latest

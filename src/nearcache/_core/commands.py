@@ -40,10 +40,24 @@ class Subscribe(NamedTuple):
     channel: str
 
 
-class Receive(NamedTuple):
-    """The next pushed message (a redis-py pub/sub dict), or None after ``timeout`` seconds."""
+class Receive:
+    """The next pushed message (a redis-py pub/sub dict), or None after ``timeout`` seconds.
 
-    timeout: float
+    The one command of the hot path (once per message received): a plain mutable object,
+    so that the listen loop reuses one instead of building a tuple per message."""
+
+    __slots__ = ("timeout",)
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Receive(timeout={self.timeout!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Receive and other.timeout == self.timeout
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class Ping(NamedTuple):

@@ -227,6 +227,7 @@ class Subscription:
         handle = Receiver(self.listener, self.cursor, heartbeat).handle
         next_reconcile = self.clock() + self.reconcile
         checking: tuple[bytes, EntryId | None] | None = None
+        receive = Receive(0.0)  # one for the whole loop: nothing is built per message
         while True:
             now = self.clock()
             token = heartbeat.due(now)
@@ -235,7 +236,8 @@ class Subscription:
                     checking = yield from self._log_tail()
                     next_reconcile = now + self.reconcile
                 yield Ping(token)
-            message = yield Receive(heartbeat.wait(now))
+            receive.timeout = heartbeat.wait(now)
+            message = yield receive
             if message is not None and handle(message) and checking is not None:
                 yield from self._reconcile_now(checking)
                 checking = None
