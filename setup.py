@@ -1,4 +1,5 @@
-"""Build the optional C accelerator of the L1 hit path; nearcache works without it."""
+"""Build the optional C accelerators (the L1 store, the message codec); nearcache works
+without them."""
 
 from setuptools import Extension, setup
 
@@ -9,6 +10,12 @@ setup(
             ["src/nearcache/_core/_speedups.c"],
             optional=True,  # no compiler: the pure-Python path in _core/store.py is used
             extra_compile_args=["-O2"],
-        )
+        ),
+        Extension(
+            "nearcache._core._wire",
+            ["src/nearcache/_core/_wire.c"],
+            optional=True,  # no compiler: the Python codec in _core/codec.py is used
+            extra_compile_args=["-O2"],
+        ),
     ]
 )

@@ -36,7 +36,8 @@ stamp="$VENV/.nearcache-${NEARCACHE_EXTRAS:-base}"
 # The C accelerator is built in place by the editable install: rebuild when its source or
 # setup.py changed (a stale build is refused at import, and the tests say so).
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
-  || [ "$ROOT/src/nearcache/_core/_speedups.c" -nt "$stamp" ]; then
+  || [ "$ROOT/src/nearcache/_core/_speedups.c" -nt "$stamp" ] \
+  || [ "$ROOT/src/nearcache/_core/_wire.c" -nt "$stamp" ]; then
   echo "==> installing nearcache[${NEARCACHE_EXTRAS:-}] into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q -e "$ROOT${NEARCACHE_EXTRAS:+[$NEARCACHE_EXTRAS]}"

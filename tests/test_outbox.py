@@ -408,3 +408,47 @@ def test_add_keys_matches_add_one_by_one() -> None:
             bulk.coalesced,
             bulk.degraded,
         )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("key"), st.sampled_from([None, "r"]), st.integers(0, 5)),
+            st.tuples(st.just("region"), st.sampled_from([None, "r"]), st.just(0)),
+            st.tuples(st.just("clear"), st.none(), st.just(0)),
+            st.tuples(st.just("take"), st.none(), st.integers(1, 4)),
+            st.tuples(st.just("commit"), st.none(), st.just(0)),
+        ),
+        max_size=40,
+    ),
+    st.integers(min_value=1, max_value=6),
+)
+def test_add_key_is_add_for_a_key(steps: list[tuple[str, str | None, int]], bound: int) -> None:
+    """The fast path every set and remove takes (``add_key``) leaves the outbox exactly as
+    ``add`` of the same key invalidation would, bound and coalescing included, and says
+    whether nothing waited before it."""
+    fast, slow = Outbox(max_pending=bound), Outbox(max_pending=bound)
+    for what, name, n in steps:
+        if what == "key":
+            idle = slow.waiting == 0
+            slow.add(key(n, name))
+            assert fast.add_key(name, n) is idle
+        elif what == "take":
+            if slow.in_flight:
+                continue
+            assert fast.take(n) == slow.take(n)
+        elif what == "commit":
+            fast.commit()
+            slow.commit()
+        else:
+            op = region(name) if what == "region" else CLEAR
+            assert fast.add(op) == slow.add(op)
+        assert (fast.accepted, fast.delivered, fast.waiting, fast.in_flight) == (
+            slow.accepted,
+            slow.delivered,
+            slow.waiting,
+            slow.in_flight,
+        )
+        assert (fast.coalesced, fast.degraded) == (slow.coalesced, slow.degraded)
+    assert fast.take(10**6) == slow.take(10**6) if not slow.in_flight else True

@@ -35,10 +35,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from nearcache._exceptions import MessageError
 
@@ -46,6 +47,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "VERSION",
+    "WIRE_ACCELERATED",
     "Invalidation",
     "Kind",
     "Message",
@@ -153,6 +155,27 @@ class Update(Invalidation):
         return Invalidation(Kind.KEY, self.region, self.key)
 
 
+def _load_wire() -> Any:
+    """The C codec (``_core/_wire.c``), or None: not built, a stale build, or
+    ``NEARCACHE_PURE_PYTHON`` set."""
+    if os.environ.get("NEARCACHE_PURE_PYTHON"):
+        return None
+    try:
+        from nearcache._core import _wire
+    except ImportError:  # no compiler where the package was installed
+        return None
+    if getattr(_wire, "API", None) != _WIRE_API:  # pragma: no cover - a stale in-place build
+        return None
+    _wire.configure(Invalidation, Kind.KEY, Kind.REGION, Kind.CLEAR)
+    return _wire
+
+
+_WIRE_API = 1  # bumped with every change of _wire's interface
+_wire: Any = _load_wire()
+#: Whether messages are encoded and decoded in C where they can be.
+WIRE_ACCELERATED = _wire is not None
+
+
 class Message(NamedTuple):
     """A decoded backplane message."""
 
@@ -194,6 +217,15 @@ def encode(
     signing_key: tuple[str, bytes] | None = None,
 ) -> bytes:
     """Encode one message. ``signing_key`` is ``(key_id, secret)`` to sign it."""
+    if _wire is not None:
+        body = _wire.encode(
+            sender,
+            sequence,
+            operations if type(operations) is list else list(operations),
+            FLAG_SIGNED if signing_key else 0,
+        )
+        if body is not None:
+            return body if signing_key is None else _sign(bytearray(body), signing_key)
     out = bytearray(
         HEADER.pack(
             MAGIC, VERSION, FLAG_SIGNED if signing_key else 0, sender, sequence, len(operations)
@@ -227,11 +259,17 @@ def encode(
             out += _UPDATE_HEAD.pack(_ms(op.ttl), _ms(op.sliding), op.serializer, len(data))
             out += data
     if signing_key is not None:
-        key_id, secret = signing_key
-        raw_id = key_id.encode()
-        out += raw_id
-        out.append(len(raw_id))
-        out += hmac.new(secret, bytes(out), hashlib.sha256).digest()
+        return _sign(out, signing_key)
+    return bytes(out)
+
+
+def _sign(out: bytearray, signing_key: tuple[str, bytes]) -> bytes:
+    """Append the signature trailer (key id, its length, HMAC-SHA256 of all before it)."""
+    key_id, secret = signing_key
+    raw_id = key_id.encode()
+    out += raw_id
+    out.append(len(raw_id))
+    out += hmac.new(secret, bytes(out), hashlib.sha256).digest()
     return bytes(out)
 
 
@@ -286,6 +324,10 @@ def decode(data: bytes, secrets: Mapping[str, bytes] | None = None) -> Message:
         raise MessageError("unsigned message but a secret is configured")
     if count > end - HEADER.size:
         raise MessageError(f"operation count {count} exceeds the message size")
+    if _wire is not None:
+        fast = _wire.decode(data, HEADER.size, end, count)
+        if fast is not None:
+            return Message(sender, sequence, fast, key_id)
     pos = HEADER.size
     ops: list[Invalidation] = []
     append, new_op = ops.append, tuple.__new__

@@ -1,0 +1,9 @@
+from collections.abc import Sequence
+
+API: int
+
+def configure(operation: type, key: object, region: object, clear: object) -> None: ...
+def encode(
+    sender: bytes, sequence: int, ops: list[Sequence[object]], flags: int
+) -> bytes | None: ...
+def decode(data: bytes, pos: int, end: int, count: int) -> tuple[object, ...] | None: ...
