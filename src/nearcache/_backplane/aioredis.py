@@ -22,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from nearcache._backplane.redis import RedisBackplaneBase, failure, make_client_kwargs
+from nearcache._backplane.wire import AsyncWire
 from nearcache._cancellation import stop_task, wait_event
 from nearcache._config import RedisSettings
 from nearcache._core.commands import (
@@ -35,7 +36,6 @@ from nearcache._core.commands import (
     RunScript,
     Subscribe,
 )
-from nearcache._core.log import published_to
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane", "abort_connections", "aexecute"]
@@ -110,6 +110,7 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         self._subscriber_client = aioredis.Redis(**kwargs)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._wire = AsyncWire(self._publisher.connection_pool, channel, log_length)
 
     async def start(self, listener: BackplaneListener) -> None:
         """Start the listener task."""
@@ -124,9 +125,26 @@ class AsyncRedisBackplane(RedisBackplaneBase):
 
     async def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
-        command = self._publish_command(payloads)
         try:
-            return published_to(command, await aexecute(self._publisher, self._scripts, command))
+            return await self._wire.publish(payloads)
+        except (redis.RedisError, OSError) as exc:
+            raise self._publish_error(exc) from exc
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_nowait` may be called now (the publishing connection is up
+        with no request outstanding)."""
+        return self._wire.ready
+
+    def write_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the publish of ``payloads`` into the connection's transport, from the
+        caller's coroutine without awaiting; the sender task then awaits :meth:`complete`."""
+        self._wire.write_nowait(payloads)
+
+    async def complete(self) -> int:
+        """Read the reply of what :meth:`write_nowait` wrote; raises as :meth:`publish`."""
+        try:
+            return await self._wire.complete()
         except (redis.RedisError, OSError) as exc:
             raise self._publish_error(exc) from exc
 

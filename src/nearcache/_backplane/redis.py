@@ -27,6 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nearcache._backplane.wire import Wire
 from nearcache._cancellation import STOP_GRACE
 from nearcache._config import RedisSettings
 from nearcache._core.commands import (
@@ -283,6 +284,7 @@ class RedisBackplane(RedisBackplaneBase):
         kwargs = make_client_kwargs(settings)
         self._publisher = redis.Redis(**kwargs)
         self._subscriber_client = redis.Redis(**kwargs)
+        self._wire = Wire(self._publisher.connection_pool, channel, log_length)
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -300,9 +302,27 @@ class RedisBackplane(RedisBackplaneBase):
 
     def publish(self, payloads: Sequence[bytes]) -> int:
         """Log and publish every payload in one round trip; return the last receiver count."""
-        command = self._publish_command(payloads)
         try:
-            return published_to(command, execute(self._publisher, self._scripts, command))
+            return self._wire.publish(payloads)
+        except (redis.RedisError, OSError) as exc:
+            raise self._publish_error(exc) from exc
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_nowait` may be called now: the publishing connection is up,
+        on a plain socket, with no request outstanding."""
+        return self._wire.ready
+
+    def write_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the publish of ``payloads`` without blocking, from the caller's thread (after
+        checking :attr:`writable`); the sender then calls :meth:`complete`."""
+        self._wire.write_nowait(payloads)
+
+    def complete(self) -> int:
+        """Finish what :meth:`write_nowait` began and read its reply (in the sender); raises
+        as :meth:`publish` does."""
+        try:
+            return self._wire.complete()
         except (redis.RedisError, OSError) as exc:
             raise self._publish_error(exc) from exc
 
@@ -324,6 +344,7 @@ class RedisBackplane(RedisBackplaneBase):
         self._set_state(BackplaneState.CLOSED)
         with self._state_lock:
             self._state = BackplaneState.CLOSED
+        self._wire.close()
         self._publisher.close()
         self._subscriber_client.close()
 

@@ -21,6 +21,7 @@ from nearcache._cached import AsyncCached
 from nearcache._cancellation import STOP_GRACE, stop_task, wait_event
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
+    Batch,
     CacheCore,
     CacheStats,
     check_key,
@@ -169,6 +170,11 @@ class AsyncNearCache(CacheCommon):
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None
         self._sender: asyncio.Task[None] | None = None
+        # A batch a caller wrote to Redis itself, whose reply the sender reads; and whether a
+        # batch is in flight, which keeps callers from writing another (``_backplane/wire.py``).
+        self._written: tuple[Batch, list[bytes]] | None = None
+        self._publishing = False
+        self._direct = sharing is None and hasattr(backplane, "write_nowait")
         # Set once a call to aclose() has begun; set() when it has finished.
         self._closer: asyncio.Event | None = None
 
@@ -439,8 +445,21 @@ class AsyncNearCache(CacheCommon):
             self._kick()
 
     def _kick(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        """Invalidations wait and none waited before: with no batch in flight, write it to
+        Redis from this coroutine without awaiting, then wake the sender (to read the reply,
+        or to send)."""
+        if self._wake is None:
+            return
+        if not self._publishing and self._direct:
+            backplane: Any = self._backplane
+            core = self._core
+            if backplane.writable and core.next_send() == 0:
+                taken = core.take_ops()
+                payloads = core.encode_batch(taken)
+                backplane.write_nowait(payloads)
+                self._written = (taken, payloads)
+                self._publishing = True
+        self._wake.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until Redis acknowledged every invalidation made so far on this instance.
@@ -479,7 +498,7 @@ class AsyncNearCache(CacheCommon):
         assert backplane is not None and wake is not None and progress is not None
         core = self._core
         while True:
-            while (wait := core.next_send()) != 0:
+            while self._written is None and (wait := core.next_send()) != 0:
                 self._check_sending()
                 wake.clear()
                 if wait is None:
@@ -487,20 +506,28 @@ class AsyncNearCache(CacheCommon):
                 else:  # until an invalidation, or this id's farewell
                     await wait_event(wake, wait)
             self._check_sending()
-            taken = core.take_ops()
-            if self._l2 is not None:
-                plans, since = core.encode_plans(taken)
-                payloads = [plan.message for plan in plans]
+            written, self._written = self._written, None
+            if written is not None:
+                taken, payloads = written  # a caller wrote it: read the reply
             else:
-                payloads = core.encode_batch(taken)
+                taken = core.take_ops()
+                self._publishing = True
+                if self._l2 is not None:
+                    plans, since = core.encode_plans(taken)
+                    payloads = [plan.message for plan in plans]
+                else:
+                    payloads = core.encode_batch(taken)
             while True:
                 try:
                     if self._l2 is not None:
                         await self._l2.publish(plans, since, taken.sender)
+                    elif written is not None:
+                        await backplane.complete()
                     else:
                         await backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
+                    written = None  # the retry writes the whole batch again
                     self._check_sending()  # the failure is aclose cutting the connection
                     delay = core.publish_failed(exc)
                     progress.set()  # flush() reports a refusal at once
@@ -511,6 +538,7 @@ class AsyncNearCache(CacheCommon):
                     self._check_sending()
             if payloads:
                 core.batch_sent(payloads, taken)
+            self._publishing = False
             progress.set()
 
     def _check_sending(self) -> None:

@@ -14,6 +14,7 @@ from nearcache._cached import Cached
 from nearcache._cancellation import STOP_GRACE
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
+    Batch,
     CacheCore,
     CacheStats,
     check_key,
@@ -192,6 +193,11 @@ class NearCache(CacheCommon):
         # The hit path: the store's reader itself (C when built), no Python frame between.
         self.get = self._store.get  # type: ignore[method-assign]
         self._sender: threading.Thread | None = None
+        # A batch a caller wrote to Redis itself, whose reply the sender reads; and whether a
+        # batch is in flight (taken and not yet acknowledged), which keeps callers from
+        # writing another.
+        self._written: tuple[Batch, list[bytes]] | None = None
+        self._publishing = False
         if self._settings is not None:
             from nearcache._backplane.redis import RedisBackplane
 
@@ -205,6 +211,9 @@ class NearCache(CacheCommon):
                 reconcile=self._options.reconcile_interval,
             )
         self._l2: RedisL2 | None = None
+        # Callers write batches themselves only through a backplane that can (the Redis one),
+        # and only plain invalidations (the L2's publish keeps its own round trip).
+        self._direct = sharing is None and hasattr(self._backplane, "write_nowait")
         if self._settings is not None and sharing is not None:
             from nearcache._l2.redis import RedisL2
 
@@ -392,7 +401,7 @@ class NearCache(CacheCommon):
                 self._check_open()  # raises
             since = self._log_position() if data is not None else None
             if self._core.set(key, value, region, ttl, sliding, data, since):
-                self._cond.notify_all()
+                self._wake_sender()
         finally:
             lock.release()
 
@@ -450,7 +459,7 @@ class NearCache(CacheCommon):
         with self._lock:
             self._check_open()
             if self._core.local_many(ops):
-                self._cond.notify_all()
+                self._wake_sender()
 
     def clear_region(self, region: str | None) -> None:
         """Drop every key of ``region`` here and on every other instance."""
@@ -465,7 +474,7 @@ class NearCache(CacheCommon):
         with self._lock:
             self._check_open()
             if self._core.local(op):
-                self._cond.notify_all()
+                self._wake_sender()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Block until Redis acknowledged every invalidation made so far on this instance.
@@ -507,15 +516,26 @@ class NearCache(CacheCommon):
         core = self._core
         while True:
             with self._cond:
-                while (wait := core.next_send()) != 0 and self._state is CacheState.OPEN:
-                    self._cond.wait(wait)  # until an invalidation, or this id's farewell
+                while (
+                    self._written is None
+                    and core.next_send() != 0
+                    and self._state is CacheState.OPEN
+                ):
+                    self._cond.wait(core.next_send())  # an invalidation, or this id's farewell
                 if self.state is CacheState.CLOSED:
                     # Closed: close() waited for delivery as long as it was told to; a new
                     # publish now could open a connection after the backplane closed.
                     return
-                taken = core.take_ops()
+                written, self._written = self._written, None
+                if written is None:
+                    taken = core.take_ops()
+                    self._publishing = True
+                else:
+                    taken, payloads = written  # a caller wrote it: read the reply
             # Encoded outside the lock: writers keep going.
-            if self._l2 is not None:
+            if written is not None:
+                pass
+            elif self._l2 is not None:
                 plans, since = core.encode_plans(taken)
                 payloads = [plan.message for plan in plans]
             else:
@@ -524,10 +544,13 @@ class NearCache(CacheCommon):
                 try:
                     if self._l2 is not None:
                         self._l2.publish(plans, since, taken.sender)
+                    elif written is not None:
+                        backplane.complete()
                     else:
                         backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
+                    written = None  # the retry writes the whole batch again
                     with self._cond:
                         delay = core.publish_failed(exc)
                         self._cond.notify_all()  # flush() reports a refusal at once
@@ -540,7 +563,23 @@ class NearCache(CacheCommon):
             with self._cond:
                 if payloads:
                     core.batch_sent(payloads, taken)
+                self._publishing = False
                 self._cond.notify_all()
+
+    def _wake_sender(self) -> None:
+        """Invalidations wait and none waited before (the caller holds the lock): with no
+        batch in flight, write it to Redis from this thread without blocking (see
+        ``_backplane/wire.py``), then wake the sender to read the reply, or to send."""
+        if not self._publishing and self._direct:
+            backplane: Any = self._backplane
+            core = self._core
+            if backplane.writable and core.next_send() == 0:
+                taken = core.take_ops()
+                payloads = core.encode_batch(taken)
+                backplane.write_nowait(payloads)
+                self._written = (taken, payloads)
+                self._publishing = True
+        self._cond.notify_all()
 
     # -- added by the framework integrations (kept here, at the end, as thin methods) ----
 

@@ -1,0 +1,266 @@
+"""The publishing connection: a batch written from the caller's thread, its reply read by the
+sender.
+
+Handing every batch to the sender thread (or task) before it reaches the socket costs a thread
+switch, 80-180 µs with the GIL, on every invalidation's way to the other instances. When no
+batch is in flight, the caller that queued an invalidation writes the batch itself, without
+waiting: :meth:`Wire.write_nowait` is one non-blocking ``send`` of the request's bytes (the
+socket is non-blocking at the OS level; what does not fit in its buffer is kept for the
+sender). The sender then finishes the write if needed and reads the reply
+(:meth:`Wire.complete`), without the cache's lock. The caller never blocks on Redis: a full
+socket buffer leaves bytes for the sender, a dead connection fails only the sender's read,
+and a caller never connects (only the sender does, in :meth:`Wire.publish`).
+
+At most one request is outstanding on the connection (the drivers write only when no batch is
+in flight), so replies match requests without bookkeeping and a ``NOSCRIPT`` can never let a
+later batch overtake an earlier one. The publish script is loaded (``SCRIPT LOAD``) on every
+new connection before its first ``EVALSHA``.
+Any failure drops the connection; the sender's retry reconnects and sends the batch again with
+the same sequence numbers (a receiver applies an invalidation twice harmlessly).
+
+TLS connections keep the sender-only path (an ``SSLSocket`` has no non-blocking write that
+leaves a partial record to finish later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from nearcache._core.log import PUBLISH_SCRIPT, log_keys, new_epoch
+
+__all__ = ["AsyncWire", "Wire", "request"]
+
+_SCRIPT = PUBLISH_SCRIPT.encode()
+_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
+_SCRIPT_LOAD = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n$%d\r\n%s\r\n" % (len(_SCRIPT), _SCRIPT)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def request(channel: str, log_length: int, payloads: Sequence[bytes]) -> tuple[bytes, int]:
+    """The RESP bytes publishing ``payloads`` in order, and how many replies they get: one
+    ``EVALSHA`` of the publish script (the same keys and arguments as
+    :func:`~nearcache._core.log.publish_script_call`), or one ``PUBLISH`` per message without
+    the log."""
+    name = channel.encode()
+    if not log_length:
+        head = b"*3\r\n$7\r\nPUBLISH\r\n" + _bulk(name)
+        return b"".join(head + _bulk(p) for p in payloads), len(payloads)
+    log_key, epoch_key = (k.encode() for k in log_keys(channel))
+    parts = [
+        b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n" % (8 + len(payloads), _SHA),
+        _bulk(log_key),
+        _bulk(epoch_key),
+        _bulk(name),
+        _bulk(b"%d" % log_length),
+        _bulk(new_epoch().encode()),
+    ]
+    parts.extend(_bulk(p) for p in payloads)
+    return b"".join(parts), 1
+
+
+def _receivers(replies: list[Any], log_length: int) -> int:
+    """Subscribers that received the last message (the script's third field, or the last
+    PUBLISH's count)."""
+    if not replies:
+        return 0
+    last = replies[-1]
+    return int(last[2]) if log_length else int(last)
+
+
+class Wire:
+    """The threaded driver's publishing connection (see the module docstring).
+
+    ``pool``: the redis-py connection pool to take the connection from (and to give it back to
+    on :meth:`close`)."""
+
+    def __init__(self, pool: Any, channel: str, log_length: int) -> None:
+        self._pool = pool
+        self._channel = channel
+        self._log_length = log_length
+        self._conn: Any = None
+        self._loaded = False  # the script was loaded on this connection
+        self._ready = False  # connected, plain socket, nothing outstanding: a caller may write
+        self._unsent = b""  # what a caller's write left in the sender's hands
+        self._expected = 0  # replies the outstanding request gets
+        self._failed: OSError | None = None  # a caller's write failed: the sender reports it
+
+    @property
+    def ready(self) -> bool:
+        """Whether a caller may write now (:meth:`write_nowait`)."""
+        return self._ready
+
+    def write_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the request publishing ``payloads`` without blocking (callers hold the
+        driver's lock and checked :attr:`ready`); the sender then calls :meth:`complete`."""
+        data, self._expected = request(self._channel, self._log_length, payloads)
+        self._ready = False
+        sock = self._conn._sock
+        try:
+            if sock is None:  # closed under the driver (close() is under way)
+                raise ConnectionError("the publishing connection is closed")
+            if sock.gettimeout() is None:  # a blocking socket: this one call must not block
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+            else:  # a timeout makes the socket non-blocking at the OS level
+                sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._failed, sent = exc, len(data)
+        self._unsent = data[sent:]
+
+    def complete(self) -> int:
+        """In the sender, without the lock: finish the caller's write, read its reply; return
+        how many subscribers received the last message. Raises redis-py's errors (the
+        connection is then dropped)."""
+        try:
+            if self._failed is not None:
+                failed, self._failed = self._failed, None
+                raise redis.ConnectionError(f"writing the publish failed: {failed}")
+            if self._unsent:
+                unsent, self._unsent = self._unsent, b""
+                self._conn.send_packed_command([unsent], check_health=False)
+            return self._read()
+        except BaseException:
+            self._drop()
+            raise
+
+    def publish(self, payloads: Sequence[bytes]) -> int:
+        """In the sender: connect if needed, write the request and read its reply."""
+        try:
+            conn = self._connect()
+            data, self._expected = request(self._channel, self._log_length, payloads)
+            self._ready = False
+            conn.send_packed_command([data], check_health=False)
+            return self._read()
+        except BaseException:
+            self._drop()
+            raise
+
+    def _connect(self) -> Any:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._pool.get_connection()
+        if conn._sock is None:
+            conn.connect()
+            self._loaded = False
+        if not self._loaded and self._log_length:
+            conn.send_packed_command([_SCRIPT_LOAD], check_health=False)
+            conn.read_response()
+            self._loaded = True
+        return conn
+
+    def _read(self) -> int:
+        conn = self._conn
+        replies = [conn.read_response() for _ in range(self._expected)]
+        self._expected = 0
+        # Only a plain socket lets a caller write without blocking (see the module docstring).
+        self._ready = not isinstance(conn._sock, ssl.SSLSocket)
+        return _receivers(replies, self._log_length)
+
+    def _drop(self) -> None:
+        self._ready, self._unsent, self._expected, self._loaded = False, b"", 0, False
+        if self._conn is not None:
+            self._conn.disconnect()
+
+    def close(self) -> None:
+        """Shut the connection down (a read blocked in the sender fails at once)."""
+        self._ready = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            sock = getattr(conn, "_sock", None)
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            conn.disconnect()
+            self._pool.release(conn)
+
+
+class AsyncWire:
+    """The asyncio driver's publishing connection: the caller's ``set`` writes into the
+    transport (which never blocks: it buffers what the socket does not take), the sender task
+    reads the reply."""
+
+    def __init__(self, pool: Any, channel: str, log_length: int) -> None:
+        self._pool = pool
+        self._channel = channel
+        self._log_length = log_length
+        self._conn: Any = None
+        self._loaded = False
+        self._ready = False
+        self._expected = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether a caller may write now (:meth:`write_nowait`)."""
+        return self._ready
+
+    def write_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the request into the transport (see :meth:`Wire.write_nowait`)."""
+        data, self._expected = request(self._channel, self._log_length, payloads)
+        self._ready = False
+        self._conn._writer.write(data)  # a lost connection shows in the sender's read
+
+    async def complete(self) -> int:
+        """In the sender task: read the reply of the caller's write (see
+        :meth:`Wire.complete`)."""
+        try:
+            return await self._read()
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def publish(self, payloads: Sequence[bytes]) -> int:
+        """In the sender task: connect if needed, write the request and read its reply."""
+        try:
+            conn = await self._connect()
+            data, self._expected = request(self._channel, self._log_length, payloads)
+            self._ready = False
+            await conn.send_packed_command([data], check_health=False)
+            return await self._read()
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def _connect(self) -> Any:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()
+        if getattr(conn, "_writer", None) is None:
+            await conn.connect()
+            self._loaded = False
+        if not self._loaded and self._log_length:
+            await conn.send_packed_command([_SCRIPT_LOAD], check_health=False)
+            await conn.read_response()
+            self._loaded = True
+        return conn
+
+    async def _read(self) -> int:
+        conn = self._conn
+        replies = [await conn.read_response() for _ in range(self._expected)]
+        self._expected = 0
+        self._ready = conn._writer is not None
+        return _receivers(replies, self._log_length)
+
+    async def _drop(self) -> None:
+        self._ready, self._expected, self._loaded = False, 0, False
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        """Disconnect and give the connection back to the pool."""
+        self._ready = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+            await self._pool.release(conn)

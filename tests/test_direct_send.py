@@ -1,0 +1,187 @@
+"""The send path (``_backplane/wire.py``): a caller writes its batch to Redis itself when no
+batch is in flight, never blocking on Redis; the sender reads the reply, finishes a partial
+write and retries failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from nearcache import AsyncNearCache, NearCache
+from tests.servers import RedisServer, wait_until
+
+BIG = 8192  # keys in one batch (BATCH_MAX_OPS): 32 MiB with 4 KiB keys, far past any buffer
+
+
+def _big_keys() -> list[str]:
+    return [f"{i:06d}" + "x" * 4096 for i in range(BIG)]
+
+
+@pytest.fixture
+def frozen() -> Iterator[Callable[[RedisServer], None]]:
+    """Freeze a private redis-server (SIGSTOP: it reads nothing more); thawed at the end."""
+    stopped: list[int] = []
+
+    def freeze(server: RedisServer) -> None:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped.append(server.pid)
+
+    yield freeze
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_callers_batch_reaches_redis_without_the_sender(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """With the sender thread kept from running (the test holds the cache's lock), a ``set``
+    still reaches the other instances: the caller wrote the batch itself."""
+    with (
+        NearCache(redis_server.url, channel=channel, abort_connect=True) as writer,
+        NearCache(redis_server.url, channel=channel, abort_connect=True) as reader,
+    ):
+        writer.set("warm", 1)
+        writer.flush()  # the publishing connection is up: the next batch may go direct
+        assert reader.get_or_set("k", lambda: "old") == "old"
+        wait_until(lambda: reader.get("k") == "old")
+        with writer._lock:  # the sender cannot take or read anything meanwhile
+            writer.set("k", "new")
+            wait_until(lambda: reader.get("k") is None, 5)
+        writer.flush()
+        assert writer.stats().pending == 0
+
+
+def test_an_async_callers_batch_reaches_redis_without_the_sender(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """An ``AsyncNearCache.set`` writes its batch before returning: another instance sees it
+    while the loop is blocked (the sender task cannot have run)."""
+    asyncio.run(_async_direct(redis_server, channel))
+
+
+async def _async_direct(redis_server: RedisServer, channel: str) -> None:
+    writer = AsyncNearCache(redis_server.url, channel=channel, abort_connect=True)
+    await writer.start()
+    with NearCache(redis_server.url, channel=channel, abort_connect=True) as reader:
+        await writer.set("warm", 1)
+        await writer.flush()
+        assert reader.get_or_set("k", lambda: "old") == "old"
+        wait_until(lambda: reader.get("k") == "old")
+        await writer.set("k", "new")
+        wait_until(lambda: reader.get("k") is None, 5)  # blocks the loop: no task runs
+        await writer.flush()
+    await writer.aclose()
+
+
+def test_a_frozen_redis_never_blocks_a_write(
+    redis_factory: Callable[..., RedisServer],
+    channel: str,
+    frozen: Callable[[RedisServer], None],
+) -> None:
+    """Redis frozen, a 32 MiB batch written directly (the socket takes a fraction, the sender
+    the rest), then a thousand more writes: every call returns at once; all are delivered
+    once Redis runs again."""
+    server = redis_factory()
+    conn = f"{server.host}:{server.port},syncTimeout=30000"
+    with NearCache(conn, channel=channel, abort_connect=True, max_pending=20_000) as writer:
+        writer.set("warm", 1)
+        writer.flush()
+        frozen(server)
+        started = time.monotonic()
+        writer.remove_many(_big_keys())
+        for i in range(1000):
+            writer.set(f"k{i}", i)
+        took = time.monotonic() - started
+        assert took < 5.0, f"writes blocked for {took:.1f}s on a frozen Redis"
+        assert writer.stats().pending == BIG + 1000
+        os.kill(server.pid or 0, signal.SIGCONT)
+        writer.flush(timeout=60)
+        assert writer.stats().invalidations_sent == BIG + 1001
+
+
+def test_a_frozen_redis_never_blocks_an_async_write(
+    redis_factory: Callable[..., RedisServer],
+    channel: str,
+    frozen: Callable[[RedisServer], None],
+) -> None:
+    """The asyncio twin: the transport buffers what the socket does not take, and no call
+    waits for Redis; the loop stays responsive throughout."""
+    asyncio.run(_async_frozen(redis_factory(), channel, frozen))
+
+
+async def _async_frozen(
+    server: RedisServer, channel: str, frozen: Callable[[RedisServer], None]
+) -> None:
+    conn = f"{server.host}:{server.port},syncTimeout=30000"
+    writer = AsyncNearCache(conn, channel=channel, abort_connect=True, max_pending=20_000)
+    await writer.start()
+    await writer.set("warm", 1)
+    await writer.flush()
+    frozen(server)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    await writer.remove_many(_big_keys())
+    for i in range(1000):
+        await writer.set(f"k{i}", i)
+    took = time.monotonic() - started
+    await asyncio.sleep(0.2)
+    stop.set()
+    await task
+    assert took < 5.0, f"writes blocked for {took:.1f}s on a frozen Redis"
+    assert ticks >= 5, "the loop was blocked"
+    os.kill(server.pid or 0, signal.SIGCONT)
+    await writer.flush(timeout=60)
+    assert writer.stats().invalidations_sent == BIG + 1001
+    await writer.aclose()
+
+
+def test_writers_on_many_threads_keep_each_ones_order(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """Threads racing to write directly and through the sender: every invalidation arrives,
+    and the receiver sees no sequence gap (batches left in order)."""
+    with (
+        NearCache(redis_server.url, channel=channel, abort_connect=True) as writer,
+        NearCache(redis_server.url, channel=channel, abort_connect=True) as reader,
+    ):
+        writer.set("warm", 1)
+        writer.flush()
+        before = reader.stats()
+
+        def work(t: int) -> None:
+            for i in range(500):
+                writer.set(f"t{t}:{i}", i)
+                if i % 50 == 0:
+                    time.sleep(0.001)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        writer.flush()
+        sent = writer.stats().invalidations_sent
+        wait_until(
+            lambda: (
+                reader.stats().invalidations_received - before.invalidations_received >= sent - 1
+            ),
+            10,
+        )
+        assert reader.stats().sequence_gaps == before.sequence_gaps
+        assert reader.stats().repairs == before.repairs
