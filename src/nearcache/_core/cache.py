@@ -343,6 +343,12 @@ class CacheCore:
         self.outbox.add(op)
         return was_idle
 
+    def remove(self, key: Hashable, region: str | None) -> bool:
+        """:meth:`local` for one key (the path of ``remove``, without building an
+        Invalidation here: the outbox makes the one it queues)."""
+        self.store.remove(key, region)
+        return self.networked and self.outbox.add_key(region, key)
+
     def local_many(self, ops: list[Invalidation]) -> bool:
         """:meth:`local` for several invalidations at once."""
         for op in ops:

@@ -417,7 +417,11 @@ class AsyncNearCache(CacheCommon):
     async def remove(self, key: Hashable, *, region: str | None = None) -> None:
         """Drop ``key`` here and on every other instance."""
         check_key(key, region)
-        await self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        self._check_open()
+        if not self._started:
+            await self.start()
+        if self._core.remove(key, region):
+            self._kick()
 
     async def remove_many(self, keys: Iterable[Hashable], *, region: str | None = None) -> None:
         """Drop several keys of ``region`` here and on every other instance, in one step."""

@@ -447,7 +447,15 @@ class NearCache(CacheCommon):
     def remove(self, key: Hashable, *, region: str | None = None) -> None:
         """Drop ``key`` here and on every other instance."""
         check_key(key, region)
-        self._local(Invalidation(Kind.KEY, region, key))  # type: ignore[arg-type]
+        lock = self._lock
+        lock.acquire()  # not `with`: the context-manager protocol doubles this path's cost
+        try:
+            if self._state is _CLOSED:
+                self._check_open()  # raises
+            if self._core.remove(key, region):
+                self._wake_sender()
+        finally:
+            lock.release()
 
     def remove_many(self, keys: Iterable[Hashable], *, region: str | None = None) -> None:
         """Drop several keys of ``region`` here and on every other instance, in one step.
