@@ -436,6 +436,8 @@ def _decode_key(data: bytes, pos: int, end: int) -> tuple[Key, int]:
 
 def split(operations: Iterable[Invalidation], max_ops: int) -> list[list[Invalidation]]:
     """Split operations into message-sized chunks, keeping their order."""
+    if type(operations) is list:
+        return [operations[i : i + max_ops] for i in range(0, len(operations), max_ops)]
     chunks: list[list[Invalidation]] = [[]]
     for op in operations:
         if len(chunks[-1]) >= max_ops:

@@ -246,8 +246,11 @@ class Outbox:
 
     def commit(self) -> None:
         """The batch in flight was acknowledged by the backplane."""
-        for _ in range(self._in_flight):
-            self._queue.popleft()
+        if self._in_flight == len(self._queue):
+            self._queue.clear()  # the common case under load: everything was taken
+        else:
+            for _ in range(self._in_flight):
+                self._queue.popleft()
         self._in_flight = 0
         if self._in_flight_keys:
             self._in_flight_keys = set()
