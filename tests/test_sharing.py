@@ -373,3 +373,25 @@ def test_received_value_store_time_is_minus_infinity() -> None:
     c.confirmed(clock() + 100)
     clock.advance(101)
     assert c.store.get("k") == 1  # confirmations keep it
+
+
+def test_concurrent_writes_of_a_key_here_send_no_value() -> None:
+    """A write whose change ran while another caller here wrote the same key (both waiting
+    in the outbox) is sent as a plain invalidation: which value is newer is unknown."""
+    box = Outbox()
+    box.track_writes = True
+    started = box.accepted
+    box.add(update("k", b"other caller's"))
+    late = update("k", b"mine")
+    late.started = started
+    box.add(late)
+    (op,) = box.take(100)
+    assert type(op) is Invalidation
+    box.commit()
+    sequential = update("j", b"1")
+    box.add(sequential)
+    after = update("j", b"2")
+    after.started = box.accepted  # began after the first write was accepted
+    box.add(after)
+    (op,) = box.take(100)
+    assert isinstance(op, Update) and op.data == b"2"

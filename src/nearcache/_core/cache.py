@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from nearcache._core.codec import Invalidation, Kind, decode, encode, split
+from nearcache._core.codec import Invalidation, Kind, Update, decode, encode, split
 from nearcache._core.flights import Flights
 from nearcache._core.l2 import MessagePlan
 from nearcache._core.outbox import Outbox
@@ -326,8 +326,10 @@ class CacheCore:
         self.apply_latency = LatencyHistogram()
         # Values shared through the L2 and update messages (None: plain invalidations only).
         self.sharing = sharing
-        if sharing is not None and sharing.update:
-            self.outbox.track_in_flight = True  # a received value never replaces an own write
+        if sharing is not None:
+            self.outbox.track_writes = True  # concurrent writes of a key here send no value
+            if sharing.update:
+                self.outbox.track_in_flight = True  # a received value never replaces an own write
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -388,12 +390,15 @@ class CacheCore:
         sliding: float | None,
         data: bytes | None = None,
         since: tuple[bytes, str] | None = None,
+        started: int | None = None,
     ) -> bool:
         """:meth:`set` for a value produced by a write of the source that ran under
         ``reservation`` (``NearCache.write``): kept in L1 only if nothing invalidated the key
         meanwhile (it could be older than what arrived), sent to the others either way."""
         self.store.commit(reservation, value, ttl=ttl, sliding=sliding)
-        return self._queue_write(reservation.key, reservation.region, ttl, sliding, data, since)
+        return self._queue_write(
+            reservation.key, reservation.region, ttl, sliding, data, since, started
+        )
 
     def _queue_write(
         self,
@@ -403,13 +408,17 @@ class CacheCore:
         sliding: float | None,
         data: bytes | None,
         since: tuple[bytes, str] | None,
+        started: int | None = None,
     ) -> bool:
         if not self.networked:
             return False
         if data is None or self.sharing is None:
             return self.outbox.add_key(region, key)
         was_idle = self.outbox.waiting == 0
-        self.outbox.add(self.sharing.operation(key, region, data, ttl, sliding, since))  # type: ignore[arg-type]
+        op = self.sharing.operation(key, region, data, ttl, sliding, since)  # type: ignore[arg-type]
+        if isinstance(op, Update):
+            op.started = started
+        self.outbox.add(op)
         return was_idle
 
     def apply(self, op: Invalidation) -> None:

@@ -126,6 +126,9 @@ class Update(Invalidation):
     #: Not sent: the writer's log position (epoch, entry id) when the value was set, which
     #: the publish script checks for other instances' writes (None: unknown).
     since: tuple[bytes, str] | None
+    #: Not sent: the writer's outbox sequence when its write began (``write()``), to tell a
+    #: concurrent write of the same key by another caller of this instance (None: ``set``).
+    started: int | None
 
     def __new__(
         cls,
@@ -142,6 +145,7 @@ class Update(Invalidation):
         self.sliding = sliding
         self.serializer = serializer
         self.since = None
+        self.started = None
         return self
 
     def __repr__(self) -> str:

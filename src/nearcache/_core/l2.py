@@ -475,19 +475,20 @@ class LeaseWait:
 # and the conflict check of value-carrying writes; used when a cache has l2=True or
 # propagate="update". KEYS[1] log, KEYS[2] epoch, KEYS[3] cache generation, KEYS[4] region
 # generations, KEYS[5...] value and lease keys, in pairs. ARGV[1] channel, ARGV[2] max log
-# length, ARGV[3] epoch candidate, ARGV[4] sender id, ARGV[5] and ARGV[6] the log position
-# (epoch, entry id) the writer had applied when its oldest value in this batch was set ('' if
-# none), ARGV[7] scan limit, ARGV[8] random hex for missing generations, ARGV[9] message
-# count, then per message: the message, its fallback ('' if none: the message carries no
-# value), the operation count, and per operation its letter and fields:
+# length, ARGV[3] epoch candidate, ARGV[4] sender id (informative), ARGV[5] and ARGV[6] the
+# log position (epoch, entry id) the writer had applied when its oldest value in this batch
+# was set ('' if none), ARGV[7] scan limit, ARGV[8] random hex for missing generations,
+# ARGV[9] message count, then per message: the message, its fallback ('' if none: the
+# message carries no value), the operation count, and per operation its letter and fields:
 #   S  value key index, payload, ttl ms, region field, key encoding   store a value
 #   U  region field, key encoding                                     a value in the message only
 #   D  value key index                                                delete a value
 #   R  region field                                                   clear a region
 #   C                                                                 clear everything
-# A message's values are sent only if no other instance wrote their key (or cleared its region
-# or everything) after that position; otherwise the fallback (the same message with plain
-# invalidations, same sender and sequence) is published and the values are deleted from L2.
+# A message's values are sent only if nobody (this instance's other callers included) wrote
+# their key, or cleared its region or everything, after that position; otherwise the
+# fallback (the same message with plain invalidations, same sender and sequence) is
+# published and the values are deleted from L2.
 # Returns {epoch, last entry id, receivers of the last publish, messages sent as fallback}.
 PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
@@ -515,7 +516,8 @@ local function rgen(field)
   if not r then r = '0-0.' .. ARGV[8]; redis.call('HSET', KEYS[4], field, r) end
   return r
 end
--- Messages of other instances logged after the writer's position; nil if it cannot tell.
+-- Messages logged after the writer's position, its own included (another thread or task of
+-- the same instance may have written the key meanwhile); nil if it cannot tell.
 local others = nil
 local limit = tonumber(ARGV[7])
 if since_ms and ARGV[5] == epoch then
@@ -524,8 +526,7 @@ if since_ms and ARGV[5] == epoch then
     others = {}
     for i = 2, #entries do
       local fields = entries[i][2]
-      local m = fields[2] or ''
-      if string.sub(m, 5, 20) ~= ARGV[4] then others[#others + 1] = m end
+      others[#others + 1] = fields[2] or ''
     end
   end
 end

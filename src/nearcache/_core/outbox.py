@@ -50,6 +50,9 @@ class Outbox:
         self.values_dropped = 0  # values sent as plain invalidations: past the byte bound
         self.track_in_flight = False
         self._in_flight_keys: set[_Ident] = set()
+        # With values (track_writes): the sequence of each waiting key's latest write.
+        self.track_writes = False
+        self._accepted_at: dict[_Ident, int] = {}
         self._queue: deque[tuple[int, Invalidation]] = deque()  # (first sequence, op)
         self._in_flight = 0  # length of the queue's prefix taken by the sender
         self._waiting_keys: set[tuple[str | None, Hashable]] = set()
@@ -85,7 +88,11 @@ class Outbox:
     def add_keys(self, ops: list[Invalidation]) -> None:
         """Accept several key invalidations (what :meth:`add` does for each, in one loop)."""
         waiting_keys, queue = self._waiting_keys, self._queue
-        if len(queue) - self._in_flight + len(ops) > self._max_pending or self._values:
+        if (
+            len(queue) - self._in_flight + len(ops) > self._max_pending
+            or self._values
+            or self.track_writes
+        ):
             for op in ops:
                 self.add(op)  # near the bound: one at a time, degrading to a clear past it
             return
@@ -106,7 +113,7 @@ class Outbox:
         wake)."""
         queue = self._queue
         idle = len(queue) == self._in_flight
-        if self._values or self._latest:
+        if self._values or self._latest or self.track_writes:
             self.add(_new_op(Invalidation, (_KEY, region, key)))
             return idle
         self._accepted += 1
@@ -133,14 +140,23 @@ class Outbox:
             if ident in self._waiting_keys:
                 self.coalesced += 1
                 if op.kind is Kind.UPDATE or ident in self._values or ident in self._latest:
+                    started = getattr(op, "started", None)
+                    if started is not None and self._accepted_at.get(ident, 0) > started:
+                        # Another caller here wrote the key while this write ran: which one
+                        # reached the source last is unknown, so neither value is sent.
+                        op = op.invalidation()  # type: ignore[attr-defined]
                     self._latest[ident] = op  # sent at the first position, as the latest
                     self._carry(ident, op)
+                if self.track_writes:
+                    self._accepted_at[ident] = seq
                 return seq
             if self.waiting < self._max_pending:
                 self._waiting_keys.add(ident)
                 self._queue.append((seq, op))
                 if op.kind is Kind.UPDATE:
                     self._carry(ident, op)
+                if self.track_writes:
+                    self._accepted_at[ident] = seq
                 return seq
             self.degraded += 1
             op = Invalidation(Kind.CLEAR)
@@ -157,6 +173,7 @@ class Outbox:
             self._waiting_keys.clear()
             self._latest.clear()
             self._values.clear()
+            self._accepted_at.clear()
             self.value_bytes = 0
         self._queue.append((seq, op))
         return self._accepted
@@ -202,7 +219,7 @@ class Outbox:
             for op in batch:
                 if op.kind is key_kind:
                     discard((op.region, op.key))
-        if self._latest or self._values:
+        if self._latest or self._values or self._accepted_at:
             self._take_latest(batch)
         if self.track_in_flight:
             self._in_flight_keys = {
@@ -220,6 +237,7 @@ class Outbox:
                 newer = latest.pop(ident, None)
                 if newer is not None:
                     batch[i] = newer
+                self._accepted_at.pop(ident, None)
                 value = values.pop(ident, None)
                 if value is not None:
                     self.value_bytes -= len(value.data)

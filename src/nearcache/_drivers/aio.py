@@ -396,6 +396,7 @@ class AsyncNearCache(CacheCommon):
         if not self._started:
             await self.start()
         since = self._log_position()
+        started = self._core.outbox.accepted
         store = self._core.store
         reservation = store.reserve(key, region)
         try:
@@ -410,7 +411,7 @@ class AsyncNearCache(CacheCommon):
                 await self.remove(key, region=region)
             raise
         self._check_open()
-        if self._core.write(reservation, value, ttl, sliding, data, since):
+        if self._core.write(reservation, value, ttl, sliding, data, since, started):
             self._kick()
         return value
 

@@ -429,6 +429,7 @@ class NearCache(CacheCommon):
         with self._lock:
             self._check_open()
             since = self._log_position()
+            started = self._core.outbox.accepted
             reservation = self._core.store.reserve(key, region)
         try:
             value = change()
@@ -440,7 +441,7 @@ class NearCache(CacheCommon):
             raise
         with self._lock:
             self._check_open()
-            if self._core.write(reservation, value, ttl, sliding, data, since):
+            if self._core.write(reservation, value, ttl, sliding, data, since, started):
                 self._cond.notify_all()
         return value
 
