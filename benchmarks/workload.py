@@ -9,8 +9,9 @@ returns ``(version, value)``. Every load from the source can be made slower by a
 contender runs at every delay given, 0 and 1 ms by default. The delay applies from the start
 signal on (warming the caches beforehand is not timed).
 
-- ``NearCache L1``: ``get_or_set(key, loader)``; writes ``set``/``remove`` then ``flush()`` (the
-  write is visible to the other instances' invalidation stream when it returns).
+- ``NearCache L1``: ``get_or_set(key, loader)``; writes ``write(key, update)`` (the source's new
+  row, cached here) or ``remove`` after the update, then ``flush()`` (the write is visible to
+  the other instances' invalidation stream when it returns).
 - ``NearCache L1+L2``: the same with ``l2=True`` (a shared Redis L2 with leases).
 - ``NearCache L1+L2+updates``: also ``propagate="update"`` (a ``set`` ships the new row).
 - ``Redis-only``: GET on every read, SET NX after a miss, SET/DEL on writes, pickled values
@@ -187,13 +188,13 @@ def _app(contender: str, url: str, db: _Database, channel: str) -> tuple[Any, An
             return get_or_set(key, lambda: load(key))
 
         def write(key: int, op: int) -> int:
-            row = db.write(key)
-            if op == 1:
-                cache.set(key, row)
+            if op == 1:  # the source's new row, cached and shared (safe against racing writers)
+                row = cache.write(key, lambda: db.write(key))
             else:
+                row = db.write(key)
                 cache.remove(key)
             cache.flush()
-            return row[0]
+            return row[0]  # type: ignore[no-any-return]
 
         return read, write, cache.close, cache.stats
     if contender in (REDIS_ONLY, CSC):
