@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -697,3 +700,63 @@ def test_value_just_set_survives_its_own_insertion(clock: FakeClock, max_entries
         store.set(i, i)
         assert store.get(i, MISSING) == i, f"key {i} was evicted by its own set"
         assert len(store) <= max_entries
+
+
+# -- one writer, concurrent readers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clock_kind", ["monotonic", "python"])
+def test_gets_concurrent_with_one_writer_see_only_written_values(clock_kind: str) -> None:
+    """Readers racing one writer (overwrites of every kind of entry, removes, region clears,
+    clears, evictions) only ever get a value written for the key they asked, or a miss; with
+    a Python clock the readers also switch threads between the lookup and the checks."""
+    clock: Callable[[], float] = time.monotonic
+    if clock_kind == "python":
+
+        def clock() -> float:
+            return time.monotonic()
+
+    store = L1Store(clock=clock, max_entries=64, max_staleness=30.0)
+    store.confirm(time.monotonic())
+    keys = [f"k{i}" for i in range(100)]
+    done = threading.Event()
+    wrong: list[object] = []
+
+    def read() -> None:
+        while not done.is_set():
+            for key in keys:
+                for region in (None, "r"):
+                    got = store.get(key, MISSING, region)
+                    if got is MISSING:
+                        continue
+                    if isinstance(got, str):
+                        if not got.startswith(f"{region}/{key}/"):
+                            wrong.append(got)
+                    elif got[0] != (region, key):
+                        wrong.append(got)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    try:
+        for reader in readers:
+            reader.start()
+        for i in range(20_000):
+            key, region = keys[i % 100], None if i % 3 else "r"
+            if i % 97 == 0:
+                store.clear_region(region)
+            elif i % 499 == 0:
+                store.clear()
+            elif i % 13 == 0:
+                store.remove(key, region)
+            else:
+                # str, list and sliding values: in-place overwrites and replacements in C
+                value: object = f"{region}/{key}/{i}" if i % 2 else [(region, key), i]
+                store.set(key, value, region, sliding=5.0 if i % 5 == 0 else None)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join()
+        sys.setswitchinterval(interval)
+    assert wrong == []
+    assert len(store) <= 64
