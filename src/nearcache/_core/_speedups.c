@@ -634,6 +634,20 @@ ring_append(PyObject *ring, PyObject *entry)
     return 0;
 }
 
+/* Whether ring[i] is still `item`: checking liveness may run Python code (a key's hash),
+ * which may have moved the ring under us. 1, 0, or -1 on error. */
+static int
+ring_holds_at(PyObject *ring, Py_ssize_t i, PyObject *item)
+{
+    if (i >= PyObject_Size(ring))
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *there = PySequence_GetItem(ring, i);
+    if (there == NULL)
+        return -1;
+    Py_DECREF(there);
+    return there == item;
+}
+
 /* Make room for one entry: an expired one near the hand first, else CLOCK. */
 static int
 evict_one(TableObject *self, double now)
@@ -651,6 +665,8 @@ evict_one(TableObject *self, double now)
             goto error;
         EntryObject *entry = (EntryObject *)item;
         int live = now >= entry->expires ? entry_live(self, entry) : 0;
+        if (live > 0)
+            live = ring_holds_at(ring, i, item);
         if (live > 0) {
             if (PySequence_DelItem(ring, i) < 0 || entry_drop(self, entry) < 0) {
                 Py_DECREF(item);
@@ -718,9 +734,10 @@ sweep(TableObject *self, double now, int budget)
             goto error;
         EntryObject *entry = (EntryObject *)item;
         int live = entry_live(self, entry);
-        if (live < 0 || (live > 0 && now < entry->expires)) {
+        int held = live < 0 ? -1 : ring_holds_at(ring, 0, item);
+        if (live < 0 || held <= 0 || (live > 0 && now < entry->expires)) {
             Py_DECREF(item);
-            if (live < 0)
+            if (live < 0 || held < 0)
                 goto error;
             break;
         }
