@@ -38,7 +38,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.chaos_topologies import TopologyChaos
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = (
@@ -144,7 +147,7 @@ def worker(args: argparse.Namespace) -> None:
 
     source = redis.Redis(port=args.source_port)
     cache = NearCache(
-        CONNECTION.format(port=args.proxy_port),
+        args.connection or CONNECTION.format(port=args.proxy_port),
         channel=args.channel,
         max_staleness=args.max_staleness,
         reconcile_interval=1.0,
@@ -206,7 +209,7 @@ def async_worker(args: argparse.Namespace) -> None:
     async def main() -> None:
         source = aioredis.Redis(port=args.source_port)
         cache = AsyncNearCache(
-            CONNECTION.format(port=args.proxy_port),
+            args.connection or CONNECTION.format(port=args.proxy_port),
             channel=args.channel,
             max_staleness=args.max_staleness,
             reconcile_interval=1.0,
@@ -345,24 +348,40 @@ class Conductor:
         self.args = args
         self.rng = random.Random(args.seed)
         self.tmp = Path(tempfile.mkdtemp(prefix="nearcache-chaos-"))
-        self.backplane = RedisServer(
-            self.tmp / "backplane", extra_args=["--appendonly", "yes", "--appendfsync", "always"]
-        ).start()
+        self.channel = f"chaos-{os.getpid()}"
+        self.topology: TopologyChaos | None = None
+        self.backplane: RedisServer | None = None
+        self.proxies: list[TcpProxy] = []
+        self.faults: tuple[str, ...] = FAULTS
+        if args.topology == "standalone":
+            self.backplane = RedisServer(
+                self.tmp / "backplane",
+                extra_args=["--appendonly", "yes", "--appendfsync", "always"],
+            ).start()
+            self.proxies = [TcpProxy(self.backplane.port).start() for _ in range(args.instances)]
+        else:
+            from tests.chaos_topologies import TopologyChaos
+
+            self.topology = TopologyChaos(args.topology, self.tmp / "topology", self.channel)
+            self.faults = self.topology.faults
         self.source = RedisServer(self.tmp / "source").start()
-        self.proxies = [TcpProxy(self.backplane.port).start() for _ in range(args.instances)]
         self.procs: list[subprocess.Popen[str]] = []
         self.fault_log: list[tuple[str, float, float]] = []  # kind, start, healed
         self._timers: list[threading.Thread] = []
 
     def start_instances(self) -> None:
-        channel = f"chaos-{os.getpid()}"
+        channel = self.channel
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         drivers = DRIVERS[self.args.drivers]
-        for i, proxy in enumerate(self.proxies):
+        for i in range(self.args.instances):
+            if self.topology is not None:
+                where = ["--connection", self.topology.connection]
+            else:
+                where = ["--proxy-port", str(self.proxies[i].port)]
             cmd = [
                 sys.executable, "-m", "tests.chaos", "--worker",
                 "--driver", drivers[i % len(drivers)], "--tasks", str(self.args.tasks),
-                "--proxy-port", str(proxy.port), "--source-port", str(self.source.port),
+                *where, "--source-port", str(self.source.port),
                 "--channel", channel, "--duration", str(self.args.duration),
                 "--max-staleness", str(self.args.max_staleness), "--keys", str(self.args.keys),
                 "--write-ratio", str(self.args.write_ratio), "--seed", str(self.args.seed + i),
@@ -390,8 +409,22 @@ class Conductor:
     def inject(self, kind: str) -> None:
         rng = self.rng
         now = time.monotonic()
-        proxy = rng.choice(self.proxies)
         duration = rng.uniform(0.2, self.args.max_staleness * 1.5)
+        if self.topology is not None and kind != "pause_instance":
+            topology = self.topology
+
+            def heal_after(delay: float, action: Any, kind: str, started: float) -> None:
+                self._later(delay, lambda: (action(), topology.heal()), kind, started)
+
+            topology.inject(kind, rng, duration, heal_after, now)
+            return
+        if kind == "pause_instance":
+            proc = rng.choice(self.procs)
+            proc.send_signal(signal.SIGSTOP)
+            self._later(duration, lambda: proc.send_signal(signal.SIGCONT), kind, now)
+            return
+        assert self.backplane is not None
+        proxy = rng.choice(self.proxies)
         if kind == "reset":
             proxy.cut()
             self.fault_log.append((kind, now, now))
@@ -427,15 +460,11 @@ class Conductor:
             client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
             client.close()
             self.fault_log.append((kind, now, now))
-        elif kind == "pause_instance":
-            proc = rng.choice(self.procs)
-            proc.send_signal(signal.SIGSTOP)
-            self._later(duration, lambda: proc.send_signal(signal.SIGCONT), kind, now)
 
     def run(self) -> Report:
         self.start_instances()
         end = time.monotonic() + self.args.duration
-        kinds = list(FAULTS)
+        kinds = list(self.faults)
         self.rng.shuffle(kinds)
         i = 0
         next_fault = time.monotonic() + self.args.fault_every
@@ -549,7 +578,10 @@ class Conductor:
                 proc.stdout.close()
         for proxy in self.proxies:
             proxy.close()
-        self.backplane.stop()
+        if self.backplane is not None:
+            self.backplane.stop()
+        if self.topology is not None:
+            self.topology.close()
         self.source.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -597,7 +629,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="invalidate",
         help="with update, a write sends the new value to the other instances",
     )
+    parser.add_argument(
+        "--topology",
+        choices=("standalone", "sentinel", "cluster"),
+        default="standalone",
+        help="the backplane: one server behind per-instance proxies (standalone), a primary, "
+        "a replica and 3 Sentinels (sentinel), or a 3+3 Redis Cluster (cluster), each with "
+        "its own faults",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--connection", help=argparse.SUPPRESS)
     parser.add_argument("--driver", choices=("sync", "async"), help=argparse.SUPPRESS)
     parser.add_argument("--proxy-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--source-port", type=int, help=argparse.SUPPRESS)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from nearcache._backplane.cluster import Placement, alocate, locate
+from nearcache._backplane.cluster import alocate, locate
 from nearcache._backplane.sentinel import AsyncSentinelResolver, SentinelResolver
 from nearcache._config import Endpoint, parse_connection_string
-from nearcache._core.topology import ServerTraits, key_slot
+from nearcache._core.topology import Placement, ServerTraits, key_slot
 from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
 from tests.servers import HOST, RedisServer, TcpProxy, free_port, wait_until
 from tests.topologies import SENTINEL_HOST, ClusterTopology, SentinelTopology
@@ -36,7 +36,7 @@ def test_sentinel_discovery_names_the_primary(sentinel_set: SentinelTopology) ->
         assert claim.endpoint == _node(sentinel_set, sentinel_set.primary())
         placement = locate(settings, CHANNEL, resolver)
         assert placement.endpoint == claim.endpoint and placement.claim == claim
-        assert placement.channel == CHANNEL and not placement.cluster
+        assert placement.channel == CHANNEL and not placement.sharded
     finally:
         resolver.close()
 
@@ -201,7 +201,7 @@ def test_cluster_is_detected_from_any_node(redis_cluster: ClusterTopology) -> No
     for node in redis_cluster.nodes:
         settings = parse_connection_string(redis_cluster.connection_string(node))
         placement = locate(settings, CHANNEL)
-        assert placement.cluster and placement.channel == "{" + CHANNEL + "}"
+        assert placement.sharded and placement.channel == "{" + CHANNEL + "}"
         assert placement.slot == key_slot(placement.channel)
         owner = redis_cluster.owner(placement.slot)
         assert placement.endpoint == Endpoint(*redis_cluster.address(owner))

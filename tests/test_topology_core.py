@@ -3,10 +3,23 @@ channel name, what a majority of Sentinels says, and the replies they are read f
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from nearcache._config import Endpoint
+from nearcache._core.commands import (
+    AskSentinels,
+    ConfirmPrimary,
+    Disconnect,
+    Locate,
+    Ping,
+    Receive,
+    Subscribe,
+)
+from nearcache._core.subscription import Subscription
 from nearcache._core.topology import (
+    Placement,
     PrimaryClaim,
     SentinelQuorum,
     ServerTraits,
@@ -18,6 +31,7 @@ from nearcache._core.topology import (
     slot_primary,
 )
 from nearcache._exceptions import ConfigurationError
+from tests.clock import FakeClock
 
 X = PrimaryClaim(Endpoint("10.0.0.1", 6379), 1)
 Y = PrimaryClaim(Endpoint("10.0.0.2", 6379), 2)
@@ -146,3 +160,134 @@ def test_a_quorum_needs_a_sentinel() -> None:
     """An empty Sentinel list is a programming error."""
     with pytest.raises(ValueError, match="at least one"):
         SentinelQuorum(0)
+
+
+# -- the subscription flow's topology decisions (driven without I/O) -------------------------
+
+
+class _Listener:
+    """Records what the flow reports."""
+
+    def __init__(self) -> None:
+        self.confirmed: list[float] = []
+        self.subscribed: list[tuple[float, bool]] = []
+
+    def on_message(self, payload: bytes) -> bool:
+        return True
+
+    def on_subscribed(self, as_of: float, complete: bool) -> None:
+        self.subscribed.append((as_of, complete))
+
+    def on_loss(self, reason: str) -> None:
+        pass
+
+    def on_confirmed(self, as_of: float) -> None:
+        self.confirmed.append(as_of)
+
+    def on_state(self, state: object, reason: str | None) -> None:
+        pass
+
+    def on_publish_refused(self, reason: str) -> None:
+        pass
+
+
+def _sentinel_flow(clock: FakeClock, quorum: SentinelQuorum, listener: _Listener) -> Any:
+    """A subscription flow on primary X, driven up to its first Receive while listening."""
+    placement = Placement(
+        X.endpoint, "ch", ServerTraits((7, 0, 15), "standalone", "master"), claim=X, quorum=quorum
+    )
+    flow = Subscription(
+        listener,  # type: ignore[arg-type]
+        channel="ch",
+        clock=clock,
+        heartbeat=0.25,
+        heartbeat_timeout=0.5,
+        connect_timeout=1.0,
+        log_length=0,
+        reconcile=5.0,
+        set_state=lambda state, reason: None,
+    ).run()
+    sent = clock.now
+    assert isinstance(next(flow), Locate)
+    assert flow.send(placement) == Subscribe("ch")
+    assert isinstance(flow.send(None), Receive)
+    clock.advance(0.01)
+    confirm = flow.send({"type": "subscribe"})
+    assert confirm == ConfirmPrimary(sent, 1.0)  # asked after the SUBSCRIBE was sent
+    assert flow.send(True) == Ping("1")
+    assert flow.send(None) == AskSentinels()
+    assert isinstance(flow.send(None), Receive)
+    return flow
+
+
+def test_a_pong_confirms_no_later_than_the_sentinel_majority() -> None:
+    """With Sentinel, a pong confirms min(ping time, the latest time a majority still named
+    the primary): an answer from the node alone proves nothing about the others."""
+    clock, quorum, listener = FakeClock(10.0), SentinelQuorum(3), _Listener()
+    flow = _sentinel_flow(clock, quorum, listener)
+    assert listener.subscribed == [(10.0, False)]
+    quorum.record(0, 9.5, X)
+    quorum.record(1, 9.7, X)
+    quorum.record(2, 10.5, Y)
+    flow.send({"type": "pong", "data": "1"})
+    assert listener.confirmed == [9.5]  # the ping went at 10.01; the majority vouches to 9.5
+
+
+def test_a_pong_from_a_primary_the_majority_left_ends_the_subscription() -> None:
+    """Once a majority names another primary, the old one's pong ends the subscription
+    instead of confirming anything."""
+    clock, quorum, listener = FakeClock(10.0), SentinelQuorum(3), _Listener()
+    flow = _sentinel_flow(clock, quorum, listener)
+    quorum.record(0, 10.2, Y)
+    quorum.record(1, 10.2, Y)
+    quorum.record(2, 10.2, X)
+    assert flow.send({"type": "pong", "data": "1"}) == Disconnect()
+    assert listener.confirmed == []
+
+
+def test_a_subscription_the_majority_no_longer_confirms_is_not_used() -> None:
+    """If the Sentinels, asked after SUBSCRIBE, no longer name the node, the subscription
+    is dropped before it confirms or replays anything."""
+    clock, listener = FakeClock(10.0), _Listener()
+    placement = Placement(
+        X.endpoint, "ch", ServerTraits((7,), "standalone", "master"), claim=X, quorum=None
+    )
+    flow = Subscription(
+        listener,  # type: ignore[arg-type]
+        channel="ch",
+        clock=clock,
+        heartbeat=0.25,
+        heartbeat_timeout=0.5,
+        connect_timeout=1.0,
+        log_length=0,
+        reconcile=5.0,
+        set_state=lambda state, reason: None,
+    ).run()
+    next(flow)
+    flow.send(placement)
+    flow.send(None)
+    assert isinstance(flow.send({"type": "subscribe"}), ConfirmPrimary)
+    assert flow.send(False) == Disconnect()
+    assert listener.subscribed == []
+
+
+def test_the_cursor_records_the_sentinel_epoch_with_the_run_id() -> None:
+    """A primary promoted again keeps its run id but not its epoch: the server id differs,
+    so the log is never replayed across the reigns."""
+    traits = ServerTraits((7,), "standalone", "master")
+    first = Placement(X.endpoint, "ch", traits, claim=X)
+    again = Placement(X.endpoint, "ch", traits, claim=X_AGAIN)
+    assert first.server_id("run1") == "run1@1" != again.server_id("run1")
+    assert Placement(X.endpoint, "ch", traits).server_id("run1") == "run1"
+    assert first.server_id(None) is None
+
+
+def test_a_cluster_placement_uses_the_sharded_scripts() -> None:
+    """On a cluster shard the publish goes through SPUBLISH (script and plain forms)."""
+    from nearcache._core.commands import Call, RunScript
+    from nearcache._core.log import SHARDED_PUBLISH_SCRIPT, publish_command
+
+    script = publish_command("{ch}", 100, [b"m"], sharded=True)
+    assert isinstance(script, RunScript) and script.source == SHARDED_PUBLISH_SCRIPT
+    assert "SPUBLISH" in SHARDED_PUBLISH_SCRIPT
+    assert publish_command("{ch}", 0, [b"m"], sharded=True) == Call("spublish", ("{ch}", b"m"))

@@ -566,11 +566,10 @@ class ClusterTopology:
         """A direct (non-cluster) client of ``node``; close it."""
         return _connect(HOST, node.port, password=self.password, **kwargs)
 
-    def connection_string(self, node: RedisServer | None = None, **options: str) -> str:
-        """``host:port[,password=...]`` naming one node (the first by default), the way an
-        application names any node of a cluster."""
-        host, port = self.address(node or self.nodes[0])
-        parts = [f"{host}:{port}"]
+    def connection_string(self, *nodes: RedisServer, **options: str) -> str:
+        """``host:port,host:port...[,password=...]`` naming the given nodes (default: all),
+        the way an application names some nodes of a cluster (tried in order)."""
+        parts = ["{}:{}".format(*self.address(node)) for node in nodes or self.nodes]
         if self.password is not None:
             parts.append(f"password={self.password}")
         parts += [f"{k}={v}" for k, v in options.items()]

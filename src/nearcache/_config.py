@@ -93,10 +93,10 @@ StackExchange form      URL query                     Meaning (default)
                         ``sentinel_username``         (``user``)
 ``sentinelPassword``    ``sentinelPassword``,         password for the Sentinels; never shown
                         ``sentinel_password``         (``password``)
-``connectRetry``        ``connectRetry``              rounds of connection attempts over every
-                                                      endpoint before ``abortConnect`` gives
-                                                      up at start, each attempt bounded by
-                                                      ``connectTimeout`` (3; 0 means 1)
+``connectRetry``        ``connectRetry``              failed connection attempts after which
+                                                      ``abortConnect`` gives up at start,
+                                                      before ``connectTimeout`` has passed
+                                                      (3; 0 means 1)
 ======================  ============================  ==========================================
 
 .. [1] nearcache extension; StackExchange.Redis configures these in code.

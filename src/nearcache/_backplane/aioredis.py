@@ -21,14 +21,20 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from nearcache._backplane.redis import RedisBackplaneBase, failure, make_client_kwargs
+from nearcache._backplane.cluster import alocate, node_kwargs
+from nearcache._backplane.redis import RedisBackplaneBase, failure
+from nearcache._backplane.sentinel import AsyncSentinelResolver
+from nearcache._backplane.shard import AsyncShardSubscriber
 from nearcache._backplane.wire import AsyncWire
 from nearcache._cancellation import stop_task, wait_event
-from nearcache._config import RedisSettings
+from nearcache._config import Endpoint, RedisSettings
 from nearcache._core.commands import (
+    AskSentinels,
     Call,
     Command,
+    ConfirmPrimary,
     Disconnect,
+    Locate,
     Pause,
     Ping,
     Pipeline,
@@ -36,6 +42,9 @@ from nearcache._core.commands import (
     RunScript,
     Subscribe,
 )
+from nearcache._core.log import log_keys
+from nearcache._core.topology import Placement
+from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 __all__ = ["AsyncRedisBackplane", "abort_connections", "aexecute"]
@@ -105,48 +114,139 @@ class AsyncRedisBackplane(RedisBackplaneBase):
             connected=asyncio.Event(),
             state_lock=contextlib.nullcontext(),  # one loop: nothing to lock
         )
-        kwargs = make_client_kwargs(settings)
-        self._publisher = aioredis.Redis(**kwargs)
-        self._subscriber_client = aioredis.Redis(**kwargs)
+        self._sentinels = (
+            AsyncSentinelResolver(settings, clock=clock) if settings.sentinel else None
+        )
+        # Clients of the node the publisher, and the subscription, use now (None: not yet
+        # located).
+        self._publisher: aioredis.Redis | None = None
+        self._subscriber_client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._wire = AsyncWire(self._publisher.connection_pool, channel, log_length)
+        self._settled = asyncio.Event()  # subscribed, or the start failed
+        self._wire: AsyncWire | None = None  # the publishing connection
+        self._wire_placement: Placement | None = None  # where the wire connects
+        self._written: Placement | None = None  # where a caller's write_nowait went
 
     async def start(self, listener: BackplaneListener) -> None:
-        """Start the listener task."""
+        """Start the listener task (and, with Sentinel, the ``+switch-master`` watch)."""
         self._new_subscription(listener)
+        if self._sentinels is not None:
+            self._sentinels.watch(self._on_switch)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"nearcache-listener:{self._channel}"
         )
 
     async def wait_connected(self, timeout: float) -> bool:
-        """Wait until subscribed or ``timeout`` seconds passed."""
-        return await wait_event(self._connected, timeout)
+        """Wait until subscribed, or until the start failed (``start_failure``), or
+        ``timeout`` seconds passed; return whether subscribed."""
+        await wait_event(self._settled, timeout)
+        return self._connected.is_set()
+
+    def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
+        super()._set_state(state, reason)
+        if state is BackplaneState.CONNECTED:
+            self._settled.set()
+
+    def _start_failed(self, exc: Exception) -> None:
+        super()._start_failed(exc)
+        self._settled.set()
+
+    def _on_switch(self, new: Endpoint) -> None:
+        """``+switch-master``: leave the old primary now (see the threaded backplane)."""
+        placement = self._placement
+        if placement is not None and placement.endpoint != new:
+            self._publish_placement = None
+            pubsub = self._pubsub
+            connection = getattr(pubsub, "connection", None)
+            writer = getattr(connection, "_writer", None)
+            if writer is not None:
+                writer.transport.abort()  # the listener's read fails: it resubscribes
 
     async def publish(self, payloads: Sequence[bytes]) -> int:
-        """Log and publish every payload in one round trip; return the last receiver count."""
+        """Log and publish every payload in one round trip on the node in charge of the
+        channel; return the last receiver count."""
         try:
-            return await self._wire.publish(payloads)
-        except (redis.RedisError, OSError) as exc:
+            wire, placement = await self._publish_wire()
+            receivers = await wire.publish(payloads)
+            await self._confirm_published(placement)
+        except (redis.RedisError, OSError, BackplaneUnavailableError, ConfigurationError) as exc:
+            self._publish_placement = None
             raise self._publish_error(exc) from exc
+        return receivers
 
     @property
     def writable(self) -> bool:
         """Whether :meth:`write_nowait` may be called now (the publishing connection is up
-        with no request outstanding)."""
-        return self._wire.ready
+        with no request outstanding, on the node still in charge)."""
+        wire = self._wire
+        return wire is not None and self._publish_placement is not None and wire.ready
 
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the publish of ``payloads`` into the connection's transport, from the
         caller's coroutine without awaiting; the sender task then awaits :meth:`complete`."""
+        assert self._wire is not None
+        self._written = self._publish_placement
         self._wire.write_nowait(payloads)
 
     async def complete(self) -> int:
         """Read the reply of what :meth:`write_nowait` wrote; raises as :meth:`publish`."""
         try:
-            return await self._wire.complete()
-        except (redis.RedisError, OSError) as exc:
+            assert self._wire is not None
+            receivers = await self._wire.complete()
+            await self._confirm_published(self._written)
+        except (redis.RedisError, OSError, BackplaneUnavailableError, ConfigurationError) as exc:
+            self._publish_placement = None
             raise self._publish_error(exc) from exc
+        return receivers
+
+    async def _publish_wire(self) -> tuple[AsyncWire, Placement]:
+        """The publishing connection on the node in charge (see the threaded backplane)."""
+        placement = self._publish_placement
+        if placement is not None and self._wire is not None:
+            return self._wire, placement
+        placement = await alocate(self._settings, self._channel, self._sentinels)
+        previous = self._wire_placement
+        if (
+            self._wire is None
+            or previous is None
+            or ((previous.endpoint, previous.channel) != (placement.endpoint, placement.channel))
+        ):
+            old_wire, old_client = self._wire, self._publisher
+            self._publisher = self._new_client(placement)
+            self._wire = AsyncWire(
+                self._publisher.connection_pool,
+                placement.channel,
+                self._log_length,
+                placement.sharded,
+            )
+            if old_wire is not None:
+                with contextlib.suppress(Exception):
+                    await old_wire.aclose()
+            await self._retire(old_client)
+        self._wire_placement = self._publish_placement = placement
+        return self._wire, placement
+
+    async def _confirm_published(self, placement: Placement | None) -> None:
+        """See :meth:`RedisBackplane._confirm_published`."""
+        if placement is None or placement.claim is None or self._sentinels is None:
+            return
+        acknowledged = self._clock()
+        timeout = self._settings.sync_timeout
+        if not await self._sentinels.confirm(placement.claim, acknowledged, timeout):
+            self._publish_placement = None
+            raise self._moved(placement)
+
+    def _new_client(self, placement: Placement) -> aioredis.Redis:
+        return aioredis.Redis(**node_kwargs(self._settings, placement.endpoint))
+
+    async def _retire(self, client: aioredis.Redis | None) -> None:
+        """Close a client of a node no longer used: its sockets are aborted first, so a
+        stalled one cannot hold this up."""
+        if client is not None:
+            abort_connections(client)
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     async def aclose(self) -> None:
         """Stop the listener task and close both connections, within ``2 * STOP_GRACE``
@@ -165,10 +265,19 @@ class AsyncRedisBackplane(RedisBackplaneBase):
                 await stop_task(task)
         finally:
             self._state = BackplaneState.CLOSED
+            self._settled.set()
             self._abort_connections()
+        if self._sentinels is not None:
+            await self._sentinels.aclose()
         # The sockets are already closed: this only settles redis-py's own bookkeeping.
-        await self._publisher.aclose()
-        await self._subscriber_client.aclose()
+        for client in self._clients():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    def _clients(self) -> list[aioredis.Redis]:
+        shard = getattr(self._pubsub, "client", None)
+        clients = [self._publisher, self._subscriber_client, shard]
+        return [client for client in clients if client is not None]
 
     def _abort_connections(self) -> None:
         """Close every socket of both clients now, without waiting (safe when cancelled).
@@ -179,7 +288,7 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         CLIENT LIST that no connection is left); with another layout it does nothing, and the
         ``aclose`` calls after it close the connections the ordinary way.
         """
-        abort_connections(self._publisher, self._subscriber_client)
+        abort_connections(*self._clients())
 
     def _check_closing(self) -> None:
         """Stop the listener task, as a delivered cancel would, once ``aclose`` began."""
@@ -208,6 +317,9 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         finally:
             flow.close()
             pubsub, self._pubsub = self._pubsub, None
+            shard = getattr(pubsub, "client", None)  # a shard subscriber's own client
+            if shard is not None:
+                abort_connections(shard)
             if pubsub is not None and not self._closing:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -218,11 +330,22 @@ class AsyncRedisBackplane(RedisBackplaneBase):
             return await self._pubsub.get_message(timeout=command.timeout)  # type: ignore[union-attr]
         if kind is Ping:
             return await self._pubsub.ping(command.token)  # type: ignore[union-attr]
+        if kind is AskSentinels:
+            if self._sentinels is not None:
+                self._sentinels.ask()
+            return None
         if kind is Subscribe:
             await self._disconnect()
+            placement = self._placement
+            assert placement is not None and self._subscriber_client is not None
             # No wait_for around this (it could lose aclose's cancel): connecting is bounded
             # by the connect timeout and every write and reply by the socket timeout.
-            self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)
+            if placement.sharded:
+                _, epoch_key = log_keys(placement.channel)
+                kwargs = node_kwargs(self._settings, placement.endpoint)
+                self._pubsub = AsyncShardSubscriber(kwargs, epoch_key)
+            else:
+                self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)
             return await self._pubsub.subscribe(command.channel)  # type: ignore[union-attr]
         if kind is Disconnect:
             await self._disconnect()
@@ -230,10 +353,41 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         if kind is Pause:
             await asyncio.sleep(command.seconds)  # type: ignore[union-attr]
             return None
-        return await aexecute(self._publisher, self._scripts, command)  # type: ignore[arg-type]
+        if kind is Locate:
+            return await self._locate_subscription()
+        if kind is ConfirmPrimary:
+            placement = self._placement
+            if self._sentinels is None or placement is None or placement.claim is None:
+                return True
+            return await self._sentinels.confirm(placement.claim, command.after, command.timeout)  # type: ignore[union-attr]
+        return await aexecute(self._subscriber_client, self._scripts, command)  # type: ignore[arg-type]
+
+    async def _locate_subscription(self) -> Placement:
+        """Find the node in charge and point the subscriber's command client at it."""
+        try:
+            placement = await alocate(self._settings, self._channel, self._sentinels)
+        except ConfigurationError as exc:
+            self._topology_error(exc)
+            raise redis.ConnectionError(str(exc)) from exc
+        except BackplaneUnavailableError as exc:
+            raise redis.ConnectionError(str(exc)) from exc
+        previous = self._placement
+        if (
+            self._subscriber_client is None
+            or previous is None
+            or (previous.endpoint != placement.endpoint)
+        ):
+            old, self._subscriber_client = self._subscriber_client, self._new_client(placement)
+            await self._retire(old)
+            self._scripts = {}
+        self._placement = placement
+        return placement
 
     async def _disconnect(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        shard = getattr(pubsub, "client", None)  # a shard subscriber's own client
+        if shard is not None:
+            abort_connections(shard)  # before any await: a cancel may land there
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

@@ -19,7 +19,7 @@ here and refused with a :class:`~nearcache.ConfigurationError` naming what is wr
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from nearcache._config import Endpoint, RedisSettings
 from nearcache._core.topology import (
-    PrimaryClaim,
+    Placement,
     ServerTraits,
     cluster_channel,
     key_slot,
@@ -41,32 +41,7 @@ from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
 if TYPE_CHECKING:
     from nearcache._backplane.sentinel import AsyncSentinelResolver, SentinelResolver
 
-__all__ = ["Placement", "alocate", "locate", "node_kwargs"]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one channel lives now.
-
-    ``endpoint`` is None for a Unix socket. ``claim`` is the Sentinel majority's claim the
-    placement follows (None without Sentinel); ``slot`` the channel's hash slot on a cluster.
-    """
-
-    endpoint: Endpoint | None
-    channel: str
-    traits: ServerTraits
-    claim: PrimaryClaim | None = None
-    slot: int | None = None
-    node_id: str | None = None
-
-    @property
-    def cluster(self) -> bool:
-        """Whether the channel lives on a Redis Cluster shard (sharded Pub/Sub)."""
-        return self.slot is not None
-
-    def settings(self, settings: RedisSettings) -> RedisSettings:
-        """``settings`` narrowed to this placement's node."""
-        return settings if self.endpoint is None else settings.with_endpoint(self.endpoint)
+__all__ = ["alocate", "locate", "node_kwargs"]
 
 
 def node_kwargs(settings: RedisSettings, endpoint: Endpoint | None) -> dict[str, Any]:
@@ -150,8 +125,13 @@ def _probe_kwargs(settings: RedisSettings, endpoint: Endpoint | None) -> dict[st
     return {**node_kwargs(settings, endpoint), "db": 0}
 
 
-def _probe(settings: RedisSettings, channel: str, endpoint: Endpoint | None) -> Placement | str:
-    with redis.Redis(**_probe_kwargs(settings, endpoint)) as client:
+def _probe(
+    settings: RedisSettings,
+    channel: str,
+    endpoint: Endpoint | None,
+    probes: set[redis.Redis] | None = None,
+) -> Placement | str:
+    with redis.Redis(**_probe_kwargs(settings, endpoint)) as client, _probing(client, probes):
         error: redis.ResponseError | None = None
         reply: Any = None
         try:
@@ -169,10 +149,28 @@ def _probe(settings: RedisSettings, channel: str, endpoint: Endpoint | None) -> 
         return _decide(settings, channel, endpoint, traits, slots)
 
 
+@contextlib.contextmanager
+def _probing(client: redis.Redis, probes: set[redis.Redis] | None) -> Iterator[None]:
+    """Keep ``client`` in ``probes`` while it is used, so that its owner can shut its socket
+    down to interrupt it (closing a cache must not wait for a silent server)."""
+    if probes is None:
+        yield
+        return
+    probes.add(client)
+    try:
+        yield
+    finally:
+        probes.discard(client)
+
+
 def locate(
-    settings: RedisSettings, channel: str, sentinels: SentinelResolver | None = None
+    settings: RedisSettings,
+    channel: str,
+    sentinels: SentinelResolver | None = None,
+    probes: set[redis.Redis] | None = None,
 ) -> Placement:
-    """Find where ``channel`` lives now (threaded); see the module docstring.
+    """Find where ``channel`` lives now (threaded); see the module docstring. ``probes``
+    holds the clients in use meanwhile (see :func:`_probing`).
 
     Raises :class:`~nearcache.ConfigurationError` for what no retry can fix (a Sentinel
     without ``serviceName``, an unknown service, a cluster on Redis < 7, a database other
@@ -182,7 +180,7 @@ def locate(
     if sentinels is not None:
         claim = sentinels.primary()
         try:
-            found = _probe(settings, channel, claim.endpoint)
+            found = _probe(settings, channel, claim.endpoint, probes)
         except (redis.RedisError, OSError) as exc:
             raise BackplaneUnavailableError(
                 "the primary the Sentinels name is unreachable: "
@@ -190,11 +188,13 @@ def locate(
             ) from exc
         if isinstance(found, str):
             raise BackplaneUnavailableError(f"the Sentinels name {found} (not yet a primary)")
-        return Placement(found.endpoint, found.channel, found.traits, claim=claim)
+        return Placement(
+            found.endpoint, found.channel, found.traits, claim=claim, quorum=sentinels.quorum
+        )
     reasons: list[str] = []
     for endpoint in _candidates(settings):
         try:
-            found = _probe(settings, channel, endpoint)
+            found = _probe(settings, channel, endpoint, probes)
         except (redis.RedisError, OSError) as exc:
             reasons.append(_probe_error(endpoint, exc))
             continue
@@ -225,6 +225,10 @@ async def _aprobe(
                     raise
         return _decide(settings, channel, endpoint, traits, slots)
     finally:
+        # Abort first: a cancel (aclose of the cache) may land in the await below.
+        from nearcache._backplane.aioredis import abort_connections
+
+        abort_connections(client)
         with contextlib.suppress(Exception):
             await client.aclose()
 
@@ -244,7 +248,9 @@ async def alocate(
             ) from exc
         if isinstance(found, str):
             raise BackplaneUnavailableError(f"the Sentinels name {found} (not yet a primary)")
-        return Placement(found.endpoint, found.channel, found.traits, claim=claim)
+        return Placement(
+            found.endpoint, found.channel, found.traits, claim=claim, quorum=sentinels.quorum
+        )
     reasons: list[str] = []
     for endpoint in _candidates(settings):
         try:

@@ -1,10 +1,17 @@
 """The Redis Pub/Sub backplane for the threaded driver.
 
-A listener thread runs the core's subscription flow (``_core/subscription.py``: subscribe,
-resync with the replay log, heartbeat, reconcile) with blocking redis-py calls; the asyncio
-backplane (``aioredis.py``) runs the same flow as a task. What this module adds is only I/O:
-the two connections, :meth:`RedisBackplane._execute` (one redis-py call per command the flow
+A listener thread runs the core's subscription flow (``_core/subscription.py``: locate,
+subscribe, resync with the replay log, heartbeat, reconcile) with blocking redis-py calls; the
+asyncio backplane (``aioredis.py``) runs the same flow as a task. What this module adds is only
+I/O: the connections, :meth:`RedisBackplane._execute` (one redis-py call per command the flow
 yields), the thread, and shutting the subscriber socket down to wake a blocking read on close.
+
+The node they talk to is found anew for every subscription and after every failed publish
+(``cluster.locate``: a standalone server, the primary a majority of Sentinels names, or the
+primary of the channel's slot on a Redis Cluster, where the subscriber is a
+``shard.ShardSubscriber``). With Sentinel, a publish counts as delivered only once a majority
+of the Sentinels, asked after Redis acknowledged it, still names the primary it went to, and
+``+switch-master`` makes both sides leave the old primary at once.
 
 Publishing is one command too (:func:`~nearcache._core.log.publish_command`: the publish
 script through the replay log, or plain ``PUBLISH``), run by :func:`execute`, which operator
@@ -16,6 +23,7 @@ unnoticed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -27,15 +35,21 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nearcache._backplane.cluster import locate, node_kwargs
+from nearcache._backplane.sentinel import SentinelResolver
+from nearcache._backplane.shard import ShardSubscriber
 from nearcache._backplane.wire import Wire
 from nearcache._cancellation import STOP_GRACE
-from nearcache._config import RedisSettings
+from nearcache._config import Endpoint, RedisSettings
 from nearcache._core.commands import (
+    AskSentinels,
     Call,
     Command,
+    ConfirmPrimary,
     ConnectionLost,
     Disconnect,
     ErrorReply,
+    Locate,
     Pause,
     Ping,
     Pipeline,
@@ -45,7 +59,13 @@ from nearcache._core.commands import (
 )
 from nearcache._core.log import Cursor, log_keys, new_epoch, publish_command, published_to
 from nearcache._core.subscription import REPLAY_PAGE, Subscription
-from nearcache._exceptions import BackplaneError, PublishRefusedError
+from nearcache._core.topology import Placement
+from nearcache._exceptions import (
+    BackplaneError,
+    BackplaneUnavailableError,
+    ConfigurationError,
+    PublishRefusedError,
+)
 from nearcache._typing import BackplaneListener, BackplaneState, Clock
 
 if TYPE_CHECKING:
@@ -63,6 +83,8 @@ __all__ = [
     "publish_error",
     "publish_messages",
 ]
+
+log = logging.getLogger("nearcache")
 
 
 def execute(client: Any, scripts: dict[str, Any], command: Call | RunScript | Pipeline) -> Any:
@@ -88,11 +110,14 @@ def publish_messages(
     payloads: Sequence[bytes],
     log_length: int,
     scripts: dict[str, Any] | None = None,
+    *,
+    sharded: bool = False,
 ) -> int:
     """Publish encoded messages in order, through the replay log unless ``log_length`` is 0,
-    in one round trip; return how many subscribers received the last one. Used by the
-    backplane and by operator tools, so both write the log the same way."""
-    command = publish_command(channel, log_length, payloads)
+    in one round trip (``SPUBLISH`` on a cluster shard when ``sharded``); return how many
+    subscribers received the last one. Used by the backplane and by operator tools, so both
+    write the log the same way."""
+    command = publish_command(channel, log_length, payloads, sharded=sharded)
     return published_to(command, execute(client, {} if scripts is None else scripts, command))
 
 
@@ -136,12 +161,20 @@ def failure(exc: Exception) -> Exception:
 
 def publish_error(exc: Exception, channel: str, where: str) -> BackplaneError:
     """The error a failed publish raises: :class:`PublishRefusedError` carrying Redis's
-    reply (its code first) when Redis answered with an error or refused the credentials,
-    else :class:`BackplaneError`. The cache decides from the reply what a retry may bring."""
+    reply (its code first) when Redis answered with an error or refused the credentials, or
+    when the topology cannot work (a :class:`ConfigurationError`), else
+    :class:`BackplaneError`. The cache decides from the reply what a retry may bring."""
     message = f"publish to channel {channel!r} on {where} failed: {exc}"
     if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):
         return PublishRefusedError(message, reply=_reply(exc))
+    if isinstance(exc, ConfigurationError):
+        return PublishRefusedError(message, reply=f"CONFIG {exc}")
     return BackplaneError(message)
+
+
+class PrimaryMovedError(BackplaneError):
+    """A publish reached a primary that a majority of the Sentinels no longer names: it is
+    published again on the new one (receiving it twice is harmless)."""
 
 
 def make_client_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -187,6 +220,15 @@ class RedisBackplaneBase:
         self._listener: BackplaneListener | None = None
         self._subscription: Subscription | None = None
         self._cursor = Cursor()
+        # Where the subscription and the publisher are (each found again after a failure).
+        self._placement: Placement | None = None
+        self._publish_placement: Placement | None = None
+        # Why starting cannot succeed: a ConfigurationError found on the server, or the
+        # connectRetry attempts all failed; the start (abortConnect) raises it at once.
+        self.start_failure: Exception | None = None
+        self._connected_once = False
+        self._failed_attempts = 0
+        self._reported: str | None = None
 
     @property
     def channel(self) -> str:
@@ -208,6 +250,17 @@ class RedisBackplaneBase:
         return self._cursor.position()
 
     def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
+        if state is BackplaneState.CONNECTED:
+            self._connected_once = True
+        elif state is BackplaneState.DISCONNECTED and not self._connected_once:
+            self._failed_attempts += 1
+            if self._failed_attempts >= max(1, self._settings.connect_retry):
+                self._start_failed(
+                    self.start_failure
+                    or BackplaneUnavailableError(
+                        f"{self._failed_attempts} connection attempts failed ({reason})"
+                    )
+                )
         with self._state_lock:
             if self._state is BackplaneState.CLOSED or self._state is state:
                 return
@@ -237,11 +290,34 @@ class RedisBackplaneBase:
         self._set_state(BackplaneState.CONNECTING)
         return self._subscription
 
-    def _publish_command(self, payloads: Sequence[bytes]) -> RunScript | Call | Pipeline:
-        return publish_command(self._channel, self._log_length, payloads)
+    def _start_failed(self, exc: Exception) -> None:
+        """Record why the start cannot succeed and wake whoever waits for it."""
+        self.start_failure = exc
+
+    def _topology_error(self, exc: ConfigurationError) -> None:
+        """A configuration the server shows cannot work (a Sentinel without serviceName, a
+        cluster on Redis < 7, a braced channel on a cluster, ...): fail the start at once,
+        log it once, and keep retrying quietly (an operator may change the server)."""
+        self._start_failed(exc)
+        if self._reported != str(exc):
+            self._reported = str(exc)
+            log.error("nearcache: channel %r cannot be used: %s", self._channel, exc)
+
+    def _publish_command(
+        self, placement: Placement, payloads: Sequence[bytes]
+    ) -> RunScript | Call | Pipeline:
+        return publish_command(
+            placement.channel, self._log_length, payloads, sharded=placement.sharded
+        )
 
     def _publish_error(self, exc: Exception) -> BackplaneError:
         return publish_error(exc, self._channel, self._settings.describe())
+
+    def _moved(self, placement: Placement) -> PrimaryMovedError:
+        return PrimaryMovedError(
+            f"publish to channel {self._channel!r}: a majority of the Sentinels no longer names "
+            f"{placement.endpoint} the primary; publishing again on the new one"
+        )
 
 
 class RedisBackplane(RedisBackplaneBase):
@@ -281,54 +357,142 @@ class RedisBackplane(RedisBackplaneBase):
             connected=threading.Event(),
             state_lock=threading.Lock(),
         )
-        kwargs = make_client_kwargs(settings)
-        self._publisher = redis.Redis(**kwargs)
-        self._subscriber_client = redis.Redis(**kwargs)
-        self._wire = Wire(self._publisher.connection_pool, channel, log_length)
+        self._sentinels = SentinelResolver(settings, clock=clock) if settings.sentinel else None
+        # Clients of the node the publisher, and the subscription, use now (None: not yet
+        # located); each with the scripts registered on it.
+        self._publisher: redis.Redis | None = None
+        self._subscriber_client: redis.Redis | None = None
+        self._probes: set[redis.Redis] = set()  # clients asking a node what it is, meanwhile
+        self._wire: Wire | None = None  # the publishing connection, on the publisher's node
+        self._wire_placement: Placement | None = None  # where the wire connects
+        self._written: Placement | None = None  # where a caller's write_nowait went
         self._closing = threading.Event()
+        self._settled = threading.Event()  # subscribed, or the start failed
         self._thread: threading.Thread | None = None
 
     def start(self, listener: BackplaneListener) -> None:
-        """Start the listener thread."""
+        """Start the listener thread (and, with Sentinel, the ``+switch-master`` watch)."""
         self._new_subscription(listener)
+        if self._sentinels is not None:
+            self._sentinels.watch(self._on_switch)
         self._thread = threading.Thread(
             target=self._run, name=f"nearcache-listener:{self._channel}", daemon=True
         )
         self._thread.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until subscribed or ``timeout`` seconds passed."""
-        return self._connected.wait(timeout)
+        """Block until subscribed, or until the start failed (``start_failure``), or
+        ``timeout`` seconds passed; return whether subscribed."""
+        self._settled.wait(timeout)
+        return self._connected.is_set()
+
+    def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
+        super()._set_state(state, reason)
+        if state is BackplaneState.CONNECTED:
+            self._settled.set()
+
+    def _start_failed(self, exc: Exception) -> None:
+        super()._start_failed(exc)
+        self._settled.set()
+
+    def _on_switch(self, new: Endpoint) -> None:
+        """``+switch-master`` from a Sentinel: leave the old primary now rather than at the
+        next heartbeat (the new placement still needs a majority)."""
+        placement = self._placement
+        if placement is not None and placement.endpoint != new:
+            self._publish_placement = None
+            self._interrupt()
 
     def publish(self, payloads: Sequence[bytes]) -> int:
-        """Log and publish every payload in one round trip; return the last receiver count."""
+        """Log and publish every payload in one round trip on the node in charge of the
+        channel; return the last receiver count."""
         try:
-            return self._wire.publish(payloads)
-        except (redis.RedisError, OSError) as exc:
+            wire, placement = self._publish_wire()
+            receivers = wire.publish(payloads)
+            self._confirm_published(placement)
+        except (redis.RedisError, OSError, BackplaneUnavailableError, ConfigurationError) as exc:
+            self._publish_failed()
             raise self._publish_error(exc) from exc
+        return receivers
 
     @property
     def writable(self) -> bool:
         """Whether :meth:`write_nowait` may be called now: the publishing connection is up,
-        on a plain socket, with no request outstanding."""
-        return self._wire.ready
+        on a plain socket, with no request outstanding, on the node still in charge."""
+        wire = self._wire
+        return wire is not None and self._publish_placement is not None and wire.ready
 
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the publish of ``payloads`` without blocking, from the caller's thread (after
         checking :attr:`writable`); the sender then calls :meth:`complete`."""
+        assert self._wire is not None
+        self._written = self._publish_placement
         self._wire.write_nowait(payloads)
 
     def complete(self) -> int:
         """Finish what :meth:`write_nowait` began and read its reply (in the sender); raises
         as :meth:`publish` does."""
         try:
-            return self._wire.complete()
-        except (redis.RedisError, OSError) as exc:
+            assert self._wire is not None
+            receivers = self._wire.complete()
+            self._confirm_published(self._written)
+        except (redis.RedisError, OSError, BackplaneUnavailableError, ConfigurationError) as exc:
+            self._publish_failed()
             raise self._publish_error(exc) from exc
+        return receivers
+
+    def _publish_wire(self) -> tuple[Wire, Placement]:
+        """The publishing connection on the node in charge, located again after a failure or
+        a switch; a new node gets a new client and connection."""
+        placement = self._publish_placement
+        if placement is not None and self._wire is not None:
+            return self._wire, placement
+        placement = locate(self._settings, self._channel, self._sentinels, self._probes)
+        previous = self._wire_placement
+        if (
+            self._wire is None
+            or previous is None
+            or ((previous.endpoint, previous.channel) != (placement.endpoint, placement.channel))
+        ):
+            old_wire, old_client = self._wire, self._publisher
+            self._publisher = self._new_client(placement)
+            self._wire = Wire(
+                self._publisher.connection_pool,
+                placement.channel,
+                self._log_length,
+                placement.sharded,
+            )
+            if old_wire is not None:
+                old_wire.close()
+            if old_client is not None:
+                old_client.close()
+        self._wire_placement = self._publish_placement = placement
+        return self._wire, placement
+
+    def _confirm_published(self, placement: Placement | None) -> None:
+        """With Sentinel, a publish counts as delivered only once a majority of the Sentinels,
+        asked after Redis acknowledged it, still names the primary it went to; otherwise it
+        is published again (on the new primary: receiving it twice is harmless)."""
+        if placement is None or placement.claim is None or self._sentinels is None:
+            return
+        acknowledged = self._clock()
+        timeout = self._settings.sync_timeout
+        if not self._sentinels.confirm(placement.claim, acknowledged, timeout):
+            self._publish_failed()
+            raise self._moved(placement)
+
+    def _publish_failed(self) -> None:
+        """Locate the node in charge again before the next publish."""
+        self._publish_placement = None
+
+    def _new_client(self, placement: Placement) -> redis.Redis:
+        return redis.Redis(**node_kwargs(self._settings, placement.endpoint))
 
     def close(self) -> None:
         """Stop the listener thread and close the connections."""
         self._closing.set()
+        if self._sentinels is not None:
+            self._sentinels.close()  # wakes a listener waiting for the Sentinels' answers
         thread = self._thread
         deadline = time.monotonic() + 2 * STOP_GRACE
         while True:
@@ -344,9 +508,15 @@ class RedisBackplane(RedisBackplaneBase):
         self._set_state(BackplaneState.CLOSED)
         with self._state_lock:
             self._state = BackplaneState.CLOSED
-        self._wire.close()
-        self._publisher.close()
-        self._subscriber_client.close()
+        self._settled.set()
+        self._close_clients()
+
+    def _close_clients(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
+        for client in (self._publisher, self._subscriber_client):
+            if client is not None:
+                client.close()
 
     def _interrupt(self) -> None:
         """Wake the listener out of a blocking read by shutting its socket down.
@@ -356,11 +526,15 @@ class RedisBackplane(RedisBackplaneBase):
         without it, the listener still stops, after its socket timeout).
         """
         pubsub = self._pubsub
-        pool = self._subscriber_client.connection_pool
-        try:
-            in_use = list(getattr(pool, "_in_use_connections", ()))
-        except RuntimeError:  # the set changed while copied: close() interrupts again
-            in_use = []
+        in_use: list[Any] = []
+        probes: list[redis.Redis] = []
+        with contextlib.suppress(RuntimeError):  # changed while copied: interrupted again
+            probes = list(self._probes)
+        for client in [self._subscriber_client, getattr(pubsub, "client", None), *probes]:
+            pool = getattr(client, "connection_pool", None)
+            # RuntimeError: the set changed while copied; close() interrupts again.
+            with contextlib.suppress(RuntimeError):
+                in_use += list(getattr(pool, "_in_use_connections", ()))
         for connection in [getattr(pubsub, "connection", None), *in_use]:
             sock = getattr(connection, "_sock", None)
             if isinstance(sock, socket.socket):
@@ -388,6 +562,8 @@ class RedisBackplane(RedisBackplaneBase):
         finally:
             flow.close()
             self._disconnect()
+            if self._closing.is_set():
+                self._close_clients()  # one made while close() was waiting
 
     def _execute(self, command: Command) -> Any:
         kind = type(command)
@@ -395,9 +571,20 @@ class RedisBackplane(RedisBackplaneBase):
             return self._pubsub.get_message(timeout=command.timeout)  # type: ignore[union-attr]
         if kind is Ping:
             return self._pubsub.ping(command.token)  # type: ignore[union-attr]
+        if kind is AskSentinels:
+            if self._sentinels is not None:
+                self._sentinels.ask()
+            return None
         if kind is Subscribe:
             self._disconnect()
-            self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            placement = self._placement
+            assert placement is not None and self._subscriber_client is not None
+            if placement.sharded:
+                _, epoch_key = log_keys(placement.channel)
+                kwargs = node_kwargs(self._settings, placement.endpoint)
+                self._pubsub = ShardSubscriber(kwargs, epoch_key)
+            else:
+                self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             return self._pubsub.subscribe(command.channel)  # type: ignore[union-attr]
         if kind is Disconnect:
             self._disconnect()
@@ -405,7 +592,36 @@ class RedisBackplane(RedisBackplaneBase):
         if kind is Pause:
             self._closing.wait(command.seconds)  # type: ignore[union-attr]
             return None
-        return execute(self._publisher, self._scripts, command)  # type: ignore[arg-type]
+        if kind is Locate:
+            return self._locate_subscription()
+        if kind is ConfirmPrimary:
+            placement = self._placement
+            if self._sentinels is None or placement is None or placement.claim is None:
+                return True
+            return self._sentinels.confirm(placement.claim, command.after, command.timeout)  # type: ignore[union-attr]
+        return execute(self._subscriber_client, self._scripts, command)  # type: ignore[arg-type]
+
+    def _locate_subscription(self) -> Placement:
+        """Find the node in charge and point the subscriber's command client at it."""
+        try:
+            placement = locate(self._settings, self._channel, self._sentinels, self._probes)
+        except ConfigurationError as exc:
+            self._topology_error(exc)
+            raise redis.ConnectionError(str(exc)) from exc
+        except BackplaneUnavailableError as exc:
+            raise redis.ConnectionError(str(exc)) from exc
+        previous = self._placement
+        if (
+            self._subscriber_client is None
+            or previous is None
+            or (previous.endpoint != placement.endpoint)
+        ):
+            old, self._subscriber_client = self._subscriber_client, self._new_client(placement)
+            self._scripts = {}
+            if old is not None:
+                old.close()
+        self._placement = placement
+        return placement
 
     def _disconnect(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -100,6 +100,7 @@ class SentinelResolver:
         self.quorum = SentinelQuorum(len(self._clients))
         self.errors: list[str | None] = [None] * len(self._clients)
         self._asking = [False] * len(self._clients)
+        self._again = [False] * len(self._clients)  # asked while busy: ask again after
         self._changed = threading.Condition()
         self._pool = ThreadPoolExecutor(
             max_workers=len(self._clients), thread_name_prefix="nearcache-sentinel"
@@ -118,30 +119,37 @@ class SentinelResolver:
             if self._closed:
                 return asked_at
             for index, busy in enumerate(self._asking):
-                if not busy:
+                if busy:
+                    # Its answer would predate this round: ask once more when it comes.
+                    self._again[index] = True
+                else:
                     self._asking[index] = True
                     self._pool.submit(self._question, index)
         return asked_at
 
     def _question(self, index: int) -> None:
-        asked_at = self._clock()
-        claim: PrimaryClaim | None = None
-        error: str | None = None
-        try:
-            client = self._clients[index]
-            reply = client.execute_command("SENTINEL", "MASTER", self._service)  # type: ignore[no-untyped-call]
-            claim = parse_sentinel_master(reply)
-        except redis.ResponseError as exc:
-            if not _is_unknown_service(exc):
+        again = True
+        while again:
+            asked_at = self._clock()
+            claim: PrimaryClaim | None = None
+            error: str | None = None
+            try:
+                client = self._clients[index]
+                reply = client.execute_command("SENTINEL", "MASTER", self._service)  # type: ignore[no-untyped-call]
+                claim = parse_sentinel_master(reply)
+            except redis.ResponseError as exc:
+                if not _is_unknown_service(exc):
+                    error = f"{type(exc).__name__}: {exc}"
+            except (redis.RedisError, OSError, KeyError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        except (redis.RedisError, OSError, KeyError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        with self._changed:
-            self._asking[index] = False
-            self.errors[index] = error
-            if error is None:
-                self.quorum.record(index, asked_at, claim)
-            self._changed.notify_all()
+            with self._changed:
+                self.errors[index] = error
+                if error is None:
+                    self.quorum.record(index, asked_at, claim)
+                again = self._again[index] and not self._closed
+                self._again[index] = False
+                self._asking[index] = again
+                self._changed.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` (checked under the lock after every answer) or until
@@ -273,6 +281,7 @@ class AsyncSentinelResolver:
         self.quorum = SentinelQuorum(len(self._clients))
         self.errors: list[str | None] = [None] * len(self._clients)
         self._asking: list[asyncio.Task[None] | None] = [None] * len(self._clients)
+        self._again = [False] * len(self._clients)
         self._changed: asyncio.Event | None = None
         self._closed = False
         self._watchers: list[asyncio.Task[None]] = []
@@ -292,9 +301,18 @@ class AsyncSentinelResolver:
                 self._asking[index] = asyncio.get_running_loop().create_task(
                     self._question(index), name=f"nearcache-sentinel:{index}"
                 )
+            else:
+                self._again[index] = True  # its answer would predate this round
         return asked_at
 
     async def _question(self, index: int) -> None:
+        while True:
+            await self._ask_one(index)
+            if not self._again[index] or self._closed:
+                return
+            self._again[index] = False
+
+    async def _ask_one(self, index: int) -> None:
         asked_at = self._clock()
         claim: PrimaryClaim | None = None
         error: str | None = None

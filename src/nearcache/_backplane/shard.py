@@ -78,14 +78,14 @@ class ShardSubscriber:
     """
 
     def __init__(self, client_kwargs: dict[str, Any], check_key: str) -> None:
-        self._client = redis.Redis(**{**client_kwargs, "protocol": 3})
+        self.client = redis.Redis(**{**client_kwargs, "protocol": 3})
         self._check_key = check_key
         self._replies = _Replies()
         self.connection: Any = None
 
     def _conn(self) -> Any:
         if self.connection is None:
-            self.connection = self._client.connection_pool.get_connection()
+            self.connection = self.client.connection_pool.get_connection()
         return self.connection
 
     def subscribe(self, channel: str) -> None:
@@ -115,21 +115,21 @@ class ShardSubscriber:
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.disconnect()
-        self._client.close()
+        self.client.close()
 
 
 class AsyncShardSubscriber:
     """The asyncio flavour of :class:`ShardSubscriber` (``aclose`` instead of ``close``)."""
 
     def __init__(self, client_kwargs: dict[str, Any], check_key: str) -> None:
-        self._client = redis.asyncio.Redis(**{**client_kwargs, "protocol": 3})
+        self.client = redis.asyncio.Redis(**{**client_kwargs, "protocol": 3})
         self._check_key = check_key
         self._replies = _Replies()
         self.connection: Any = None
 
     async def _conn(self) -> Any:
         if self.connection is None:
-            pool = self._client.connection_pool
+            pool = self.client.connection_pool
             self.connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         return self.connection
 
@@ -165,4 +165,4 @@ class AsyncShardSubscriber:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
         with contextlib.suppress(Exception):
-            await self._client.aclose()
+            await self.client.aclose()

@@ -34,31 +34,43 @@ from typing import Any
 
 import redis
 
-from nearcache._core.log import PUBLISH_SCRIPT, log_keys, new_epoch
+from nearcache._core.log import PUBLISH_SCRIPT, SHARDED_PUBLISH_SCRIPT, log_keys, new_epoch
 
 __all__ = ["AsyncWire", "Wire", "request"]
 
-_SCRIPT = PUBLISH_SCRIPT.encode()
-_SHA = hashlib.sha1(_SCRIPT).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
-_SCRIPT_LOAD = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n$%d\r\n%s\r\n" % (len(_SCRIPT), _SCRIPT)
+
+def _script(source: str) -> tuple[bytes, bytes]:
+    """The script's SHA-1 (Redis names scripts by it) and its ``SCRIPT LOAD`` request."""
+    script = source.encode()
+    sha = hashlib.sha1(script).hexdigest().encode()  # noqa: S324
+    return sha, b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n$%d\r\n%s\r\n" % (len(script), script)
+
+
+# (SHA, SCRIPT LOAD) of the publish script, by whether the channel is a cluster shard channel.
+_SCRIPTS = {False: _script(PUBLISH_SCRIPT), True: _script(SHARDED_PUBLISH_SCRIPT)}
 
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def request(channel: str, log_length: int, payloads: Sequence[bytes]) -> tuple[bytes, int]:
+def request(
+    channel: str, log_length: int, payloads: Sequence[bytes], sharded: bool = False
+) -> tuple[bytes, int]:
     """The RESP bytes publishing ``payloads`` in order, and how many replies they get: one
     ``EVALSHA`` of the publish script (the same keys and arguments as
     :func:`~nearcache._core.log.publish_script_call`), or one ``PUBLISH`` per message without
-    the log."""
+    the log; the ``SPUBLISH`` forms when ``sharded`` (a Redis Cluster shard channel)."""
     name = channel.encode()
     if not log_length:
-        head = b"*3\r\n$7\r\nPUBLISH\r\n" + _bulk(name)
+        head = (b"*3\r\n$8\r\nSPUBLISH\r\n" if sharded else b"*3\r\n$7\r\nPUBLISH\r\n") + _bulk(
+            name
+        )
         return b"".join(head + _bulk(p) for p in payloads), len(payloads)
     log_key, epoch_key = (k.encode() for k in log_keys(channel))
+    sha = _SCRIPTS[sharded][0]
     parts = [
-        b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n" % (8 + len(payloads), _SHA),
+        b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n" % (8 + len(payloads), sha),
         _bulk(log_key),
         _bulk(epoch_key),
         _bulk(name),
@@ -84,10 +96,11 @@ class Wire:
     ``pool``: the redis-py connection pool to take the connection from (and to give it back to
     on :meth:`close`)."""
 
-    def __init__(self, pool: Any, channel: str, log_length: int) -> None:
+    def __init__(self, pool: Any, channel: str, log_length: int, sharded: bool = False) -> None:
         self._pool = pool
         self._channel = channel
         self._log_length = log_length
+        self._sharded = sharded
         self._conn: Any = None
         self._loaded = False  # the script was loaded on this connection
         self._ready = False  # connected, plain socket, nothing outstanding: a caller may write
@@ -103,7 +116,7 @@ class Wire:
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request publishing ``payloads`` without blocking (callers hold the
         driver's lock and checked :attr:`ready`); the sender then calls :meth:`complete`."""
-        data, self._expected = request(self._channel, self._log_length, payloads)
+        data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
         self._ready = False
         sock = self._conn._sock
         try:
@@ -139,7 +152,7 @@ class Wire:
         """In the sender: connect if needed, write the request and read its reply."""
         try:
             conn = self._connect()
-            data, self._expected = request(self._channel, self._log_length, payloads)
+            data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
             self._ready = False
             conn.send_packed_command([data], check_health=False)
             return self._read()
@@ -155,7 +168,7 @@ class Wire:
             conn.connect()
             self._loaded = False
         if not self._loaded and self._log_length:
-            conn.send_packed_command([_SCRIPT_LOAD], check_health=False)
+            conn.send_packed_command([_SCRIPTS[self._sharded][1]], check_health=False)
             conn.read_response()
             self._loaded = True
         return conn
@@ -191,10 +204,11 @@ class AsyncWire:
     transport (which never blocks: it buffers what the socket does not take), the sender task
     reads the reply."""
 
-    def __init__(self, pool: Any, channel: str, log_length: int) -> None:
+    def __init__(self, pool: Any, channel: str, log_length: int, sharded: bool = False) -> None:
         self._pool = pool
         self._channel = channel
         self._log_length = log_length
+        self._sharded = sharded
         self._conn: Any = None
         self._loaded = False
         self._ready = False
@@ -207,7 +221,7 @@ class AsyncWire:
 
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request into the transport (see :meth:`Wire.write_nowait`)."""
-        data, self._expected = request(self._channel, self._log_length, payloads)
+        data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
         self._ready = False
         self._conn._writer.write(data)  # a lost connection shows in the sender's read
 
@@ -224,7 +238,7 @@ class AsyncWire:
         """In the sender task: connect if needed, write the request and read its reply."""
         try:
             conn = await self._connect()
-            data, self._expected = request(self._channel, self._log_length, payloads)
+            data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
             self._ready = False
             await conn.send_packed_command([data], check_health=False)
             return await self._read()
@@ -240,7 +254,7 @@ class AsyncWire:
             await conn.connect()
             self._loaded = False
         if not self._loaded and self._log_length:
-            await conn.send_packed_command([_SCRIPT_LOAD], check_health=False)
+            await conn.send_packed_command([_SCRIPTS[self._sharded][1]], check_health=False)
             await conn.read_response()
             self._loaded = True
         return conn

@@ -27,12 +27,18 @@ from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._core.cache import CacheOptions
 from nearcache._core.codec import Invalidation, Kind, Message, channel_name, decode, encode
 from nearcache._drivers.sync import normalize_secrets
-from nearcache._exceptions import ConfigurationError, ConfigurationWarning, MessageError
+from nearcache._exceptions import (
+    ConfigurationError,
+    ConfigurationWarning,
+    MessageError,
+    NearCacheError,
+)
 
 if TYPE_CHECKING:
     import redis
 
     from nearcache._core.log import Envelope
+    from nearcache._core.topology import Placement
 
 __all__ = ["main"]
 
@@ -344,12 +350,21 @@ def _settings(connection: str) -> RedisSettings:
     return settings
 
 
-def _client(settings: RedisSettings) -> redis.Redis:
+def _locate(settings: RedisSettings, wire: str) -> tuple[redis.Redis, Placement]:
+    """A client of the node in charge of ``wire`` (standalone, the Sentinels' primary or the
+    cluster shard's primary) and where that is; raises redis or nearcache errors."""
     import redis
 
-    from nearcache._backplane.redis import make_client_kwargs
+    from nearcache._backplane.cluster import locate, node_kwargs
+    from nearcache._backplane.sentinel import SentinelResolver
 
-    return redis.Redis(**make_client_kwargs(settings))
+    resolver = SentinelResolver(settings) if settings.sentinel else None
+    try:
+        placement = locate(settings, wire, resolver)
+    finally:
+        if resolver is not None:
+            resolver.close()
+    return redis.Redis(**node_kwargs(settings, placement.endpoint)), placement
 
 
 # --------------------------------------------------------------------------- demo
@@ -507,13 +522,12 @@ def _monitor(args: argparse.Namespace) -> int:
         wire, as_json=args.json, secrets=normalize_secrets(args.secret), stream=sys.stdout
     )
     deadline = None if args.duration is None else time.monotonic() + args.duration
-    client = _client(settings)
     subscribed_once = connected = False
     delay = 0.1
     try:
         while True:
             try:
-                for data in _listen(client, wire, settings, deadline):
+                for data in _listen(wire, settings, deadline):
                     if data is None:  # subscribed
                         what = "resubscribed (messages published meanwhile were missed)"
                         _status(
@@ -527,7 +541,10 @@ def _monitor(args: argparse.Namespace) -> int:
                     if args.count is not None and output.count >= args.count:
                         return 0
                 return 0  # the duration is over
-            except (redis.RedisError, OSError) as exc:
+            except ConfigurationError as exc:
+                _error(f"cannot subscribe on {settings.describe()}: {exc}")
+                return 1
+            except (redis.RedisError, OSError, NearCacheError) as exc:
                 if not subscribed_once:
                     _error(f"cannot subscribe on {settings.describe()}: {exc}")
                     return 1
@@ -539,20 +556,28 @@ def _monitor(args: argparse.Namespace) -> int:
             time.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX)
     finally:
-        client.close()
         if subscribed_once:
             elapsed = time.monotonic() - output.started
             _status(f"{output.count} messages ({output.malformed} malformed) in {elapsed:.1f} s")
 
 
-def _listen(
-    client: redis.Redis, wire: str, settings: RedisSettings, deadline: float | None
-) -> Iterator[bytes | None]:
-    """Subscribe and yield each message's payload (``None`` once subscribed) until the
-    deadline; raises redis errors when the connection is lost."""
-    pubsub = client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+def _listen(wire: str, settings: RedisSettings, deadline: float | None) -> Iterator[bytes | None]:
+    """Subscribe on the node in charge and yield each message's payload (``None`` once
+    subscribed) until the deadline; raises redis errors when the connection is lost, and
+    when the node stops being in charge (a cluster slot moved; with Sentinel, checked every
+    second)."""
+    from nearcache._backplane.cluster import node_kwargs
+    from nearcache._backplane.shard import ShardSubscriber
+
+    client, placement = _locate(settings, wire)
+    pubsub: Any
+    if placement.sharded:
+        kwargs = node_kwargs(settings, placement.endpoint)
+        pubsub = ShardSubscriber(kwargs, placement.channel + ":epoch")
+    else:
+        pubsub = client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
     try:
-        pubsub.subscribe(wire)
+        pubsub.subscribe(placement.channel)
         confirm_by = time.monotonic() + settings.connect_timeout
         while True:
             now = time.monotonic()
@@ -562,7 +587,7 @@ def _listen(
                 raise TimeoutError(f"no subscribe confirmation within {settings.connect_timeout}s")
             wait = confirm_by - now if deadline is None else min(confirm_by, deadline) - now
             message = pubsub.get_message(timeout=wait)
-            if message is not None and message["type"] == "subscribe":
+            if message is not None and message["type"] in ("subscribe", "ssubscribe"):
                 break
         yield None
         while True:
@@ -571,14 +596,23 @@ def _listen(
                 return
             message = pubsub.get_message(timeout=wait)
             if message is None:
+                if placement.claim is not None and _locate_again(settings, wire) != placement:
+                    raise OSError("the Sentinels name another primary")
                 continue
-            if message["type"] == "message":
+            if message["type"] in ("message", "smessage"):
                 yield bytes(message["data"])
-            elif message["type"] == "unsubscribe":
+            elif message["type"] in ("unsubscribe", "sunsubscribe"):
                 raise OSError("the server ended the subscription")
     finally:
         with contextlib.suppress(Exception):
             pubsub.close()
+        client.close()
+
+
+def _locate_again(settings: RedisSettings, wire: str) -> Placement:
+    client, placement = _locate(settings, wire)
+    client.close()
+    return placement
 
 
 # --------------------------------------------------------------------------- invalidate
@@ -619,11 +653,17 @@ def _invalidate(args: argparse.Namespace) -> int:
     signing = next(iter(secrets.items()), None)
     sender = os.urandom(16)
     payload = encode(sender, 1, operations, signing_key=signing)
-    client = _client(settings)
+    try:
+        client, placement = _locate(settings, wire)
+    except (redis.RedisError, OSError, NearCacheError) as exc:
+        _error(f"cannot publish on {settings.describe()}: {exc}")
+        return 1
     try:
         from nearcache._backplane.redis import publish_messages
 
-        receivers = publish_messages(client, wire, [payload], args.replay_log)
+        receivers = publish_messages(
+            client, placement.channel, [payload], args.replay_log, sharded=placement.sharded
+        )
     except (redis.RedisError, OSError) as exc:
         _error(f"cannot publish on {settings.describe()}: {exc}")
         return 1

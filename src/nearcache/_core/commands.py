@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
+    "AskSentinels",
     "Call",
     "Command",
+    "ConfirmPrimary",
     "ConnectionLost",
     "Disconnect",
     "ErrorReply",
+    "Locate",
     "Pause",
     "Ping",
     "Pipeline",
@@ -28,6 +31,28 @@ __all__ = [
     "RunScript",
     "Subscribe",
 ]
+
+
+# -- where the channel lives (see _core/topology.py) -------------------------------------------
+
+
+class Locate(NamedTuple):
+    """Find the node in charge of the channel now (asking the Sentinels, or the cluster's
+    slot map) and point the subscriber and command connections at it; the reply is a
+    :class:`~nearcache._core.topology.Placement`."""
+
+
+class AskSentinels(NamedTuple):
+    """Start a round of questions to the Sentinels (no reply awaited; the answers reach the
+    placement's quorum). Nothing to do without Sentinel."""
+
+
+class ConfirmPrimary(NamedTuple):
+    """Ask the Sentinels and wait (at most ``timeout``) until a majority asked at or after
+    ``after`` still names the placement's primary; the reply is whether one did."""
+
+    after: float
+    timeout: float
 
 
 # -- on the subscriber connection ---------------------------------------------------------------
@@ -101,7 +126,19 @@ class Pipeline(NamedTuple):
     calls: tuple[Call, ...]
 
 
-Command = Subscribe | Receive | Ping | Disconnect | Pause | Call | RunScript | Pipeline
+Command = (
+    Subscribe
+    | Receive
+    | Ping
+    | Disconnect
+    | Pause
+    | Call
+    | RunScript
+    | Pipeline
+    | Locate
+    | AskSentinels
+    | ConfirmPrimary
+)
 
 
 class ConnectionLost(Exception):

@@ -33,6 +33,8 @@ __all__ = [
     "ENVELOPE_MAGIC",
     "EPOCH_SCRIPT",
     "PUBLISH_SCRIPT",
+    "SHARDED_EPOCH_SCRIPT",
+    "SHARDED_PUBLISH_SCRIPT",
     "Cursor",
     "EntryId",
     "Envelope",
@@ -107,6 +109,12 @@ return {epoch, refused}
 """
 
 
+# On a Redis Cluster the channel is a shard channel in the slot of the log's keys: the same
+# scripts with SPUBLISH (one slot, so one script may write the log and publish).
+SHARDED_PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+SHARDED_EPOCH_SCRIPT = EPOCH_SCRIPT.replace("{'PUBLISH', ARGV[2]", "{'SPUBLISH', ARGV[2]")
+
+
 def log_keys(channel: str) -> tuple[str, str]:
     """The replay log's stream key and epoch key of a wire channel."""
     return f"{channel}:log", f"{channel}:epoch"
@@ -125,17 +133,19 @@ def publish_script_call(
 
 
 def publish_command(
-    channel: str, log_length: int, payloads: Sequence[bytes]
+    channel: str, log_length: int, payloads: Sequence[bytes], *, sharded: bool = False
 ) -> RunScript | Call | Pipeline:
     """What publishing ``payloads`` in order takes, in one round trip: the publish script
-    (through the log), or a plain ``PUBLISH`` per message when ``log_length`` is 0. Its reply
-    goes to :func:`published_to`."""
+    (through the log), or a plain ``PUBLISH`` per message when ``log_length`` is 0;
+    ``SPUBLISH`` when ``sharded`` (a Redis Cluster shard channel). Its reply goes to
+    :func:`published_to`."""
     if log_length:
         keys, args = publish_script_call(channel, log_length, payloads)
-        return RunScript(PUBLISH_SCRIPT, keys, args)
+        return RunScript(SHARDED_PUBLISH_SCRIPT if sharded else PUBLISH_SCRIPT, keys, args)
+    method = "spublish" if sharded else "publish"
     if len(payloads) == 1:
-        return Call("publish", (channel, payloads[0]))
-    return Pipeline(tuple(Call("publish", (channel, payload)) for payload in payloads))
+        return Call(method, (channel, payloads[0]))
+    return Pipeline(tuple(Call(method, (channel, payload)) for payload in payloads))
 
 
 def published_to(command: RunScript | Call | Pipeline, reply: Any) -> int:

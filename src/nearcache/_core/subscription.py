@@ -29,14 +29,17 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 from nearcache._core.commands import (
+    AskSentinels,
     Call,
     Command,
+    ConfirmPrimary,
     ConnectionLost,
     Disconnect,
     ErrorReply,
+    Locate,
     Pause,
     Ping,
     Pipeline,
@@ -47,6 +50,7 @@ from nearcache._core.commands import (
 from nearcache._core.heartbeat import Heartbeat, Receiver, StalledError
 from nearcache._core.log import (
     EPOCH_SCRIPT,
+    SHARDED_EPOCH_SCRIPT,
     Cursor,
     EntryId,
     epoch_script_call,
@@ -55,6 +59,7 @@ from nearcache._core.log import (
     parse_epoch_reply,
     reconcile,
 )
+from nearcache._core.topology import Placement
 from nearcache._typing import BackplaneListener, BackplaneState
 
 __all__ = ["RECONNECT_MAX", "RECONNECT_MIN", "REPLAY_PAGE", "Subscription"]
@@ -110,6 +115,7 @@ class Subscription:
         self.cursor = Cursor() if cursor is None else cursor
         self.last_error: str | None = None
         self.log_key, self.epoch_key = log_keys(channel)
+        self.placement: Placement | None = None
 
     def run(self) -> Flow:
         """Subscribe, resync, listen; after any failure, back off and start again. Ends
@@ -117,7 +123,9 @@ class Subscription:
         delay = RECONNECT_MIN
         while True:
             try:
+                yield from self._locate()
                 as_of = yield from self._subscribe()
+                yield from self._confirm_primary(as_of)
                 complete = yield from self._resync()
                 self.listener.on_subscribed(as_of, complete)
                 self.set_state(BackplaneState.CONNECTED, None)
@@ -135,6 +143,26 @@ class Subscription:
             yield Pause(random.uniform(RECONNECT_MIN, delay))
             delay = min(delay * 2, RECONNECT_MAX)
 
+    def _locate(self) -> Flow:
+        """Find the node in charge of the channel (topology, slot owner, Sentinel primary);
+        on a cluster the channel and its log keys take their hash-tagged names."""
+        placement: Placement = yield Locate()
+        self.placement = placement
+        self.channel = placement.channel
+        self.log_key, self.epoch_key = log_keys(placement.channel)
+
+    def _confirm_primary(self, sent: float) -> Flow:
+        """With Sentinel: the subscription counts (as of ``sent``) only if a majority of the
+        Sentinels, asked after the SUBSCRIBE was sent, still names the node it was made on."""
+        placement = self.placement
+        if placement is None or placement.claim is None:
+            return
+        confirmed = yield ConfirmPrimary(sent, self.connect_timeout)
+        if not confirmed:
+            raise StalledError(
+                f"a majority of the Sentinels no longer names {placement.endpoint} the primary"
+            )
+
     def _subscribe(self) -> Flow:
         """Subscribe and wait for Redis to confirm; return when the SUBSCRIBE was sent."""
         sent = self.clock()
@@ -145,7 +173,7 @@ class Subscription:
             if remaining <= 0:
                 raise StalledError(f"no subscribe confirmation within {self.connect_timeout}s")
             message = yield Receive(remaining)
-            if message is not None and message["type"] == "subscribe":
+            if message is not None and message["type"] in ("subscribe", "ssubscribe"):
                 return sent
 
     # -- the replay log -------------------------------------------------------------------
@@ -156,7 +184,9 @@ class Subscription:
         if not self.log_length:
             return False
         keys, args = epoch_script_call(self.channel)
-        epoch, refused = parse_epoch_reply((yield RunScript(EPOCH_SCRIPT, keys, args)))
+        sharded = self.placement is not None and self.placement.sharded
+        script = SHARDED_EPOCH_SCRIPT if sharded else EPOCH_SCRIPT
+        epoch, refused = parse_epoch_reply((yield RunScript(script, keys, args)))
         if refused:
             self.listener.on_publish_refused(
                 f"NOPERM the Redis user may not run {', '.join(refused)}, which publishing "
@@ -177,13 +207,15 @@ class Subscription:
         return True
 
     def _server_id(self) -> Flow:
-        """Redis's run id (it changes on every restart), or None if INFO is not allowed."""
+        """Redis's run id (it changes on every restart), with the Sentinel epoch when there
+        is one (``Placement.server_id``), or None if INFO is not allowed."""
         try:
             info = yield Call("info", ("server",))
         except ErrorReply:
             return None
         run_id = info.get("run_id")
-        return str(run_id) if run_id else None
+        server = str(run_id) if run_id else None
+        return server if self.placement is None else self.placement.server_id(server)
 
     def _read_log(self, start: EntryId) -> Flow:
         """The log's entries from ``start`` (inclusive) to its end, or None if too many."""
@@ -224,7 +256,14 @@ class Subscription:
 
     def _listen(self) -> Flow:
         heartbeat = Heartbeat(self.heartbeat, self.heartbeat_timeout, self.clock())
-        handle = Receiver(self.listener, self.cursor, heartbeat).handle
+        placement = self.placement
+        following = placement is not None and placement.claim is not None
+        listener = (
+            cast(BackplaneListener, _FollowingPrimary(self.listener, placement))
+            if following and placement is not None
+            else self.listener
+        )
+        handle = Receiver(listener, self.cursor, heartbeat).handle
         next_reconcile = self.clock() + self.reconcile
         checking: tuple[bytes, EntryId | None] | None = None
         receive = Receive(0.0)  # one for the whole loop: nothing is built per message
@@ -236,8 +275,36 @@ class Subscription:
                     checking = yield from self._log_tail()
                     next_reconcile = now + self.reconcile
                 yield Ping(token)
+                if following:
+                    yield AskSentinels()  # answered by the time the pong is, or soon after
             receive.timeout = heartbeat.wait(now)
             message = yield receive
             if message is not None and handle(message) and checking is not None:
                 yield from self._reconcile_now(checking)
                 checking = None
+
+
+class _FollowingPrimary:
+    """The cache's listener, with every heartbeat confirmation limited to what a majority of
+    the Sentinels still vouches for: a pong confirms ``min(ping time, the latest time as of
+    which a majority named this primary under the same epoch)``, and none once a majority
+    names another (the subscription then ends and is made again on the new primary)."""
+
+    def __init__(self, listener: BackplaneListener, placement: Placement) -> None:
+        self._listener = listener
+        self._placement = placement
+
+    def on_confirmed(self, sent: float) -> None:
+        placement = self._placement
+        assert placement.claim is not None
+        confirmed = (
+            sent if placement.quorum is None else placement.quorum.confirmed(placement.claim)
+        )
+        if confirmed is None:
+            raise StalledError(
+                f"a majority of the Sentinels no longer names {placement.endpoint} the primary"
+            )
+        self._listener.on_confirmed(min(sent, confirmed))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listener, name)

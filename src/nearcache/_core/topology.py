@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nearcache._config import Endpoint
@@ -35,6 +35,7 @@ from nearcache._exceptions import ConfigurationError
 
 __all__ = [
     "SLOTS",
+    "Placement",
     "PrimaryClaim",
     "SentinelQuorum",
     "ServerTraits",
@@ -154,6 +155,38 @@ def parse_switch_master(data: str | bytes) -> tuple[str, Endpoint, Endpoint] | N
     if len(parts) != 5 or not parts[2].isdigit() or not parts[4].isdigit():
         return None
     return parts[0], Endpoint(parts[1], int(parts[2])), Endpoint(parts[3], int(parts[4]))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one channel lives now: the node to subscribe on and publish to, and the
+    channel's name there.
+
+    ``endpoint`` is None for a Unix socket. ``claim`` is the Sentinel majority's claim the
+    placement follows, with ``quorum`` the live answers it is checked against (both None
+    without Sentinel); ``slot`` is the channel's hash slot on a cluster (None elsewhere).
+    """
+
+    endpoint: Endpoint | None
+    channel: str
+    traits: ServerTraits
+    claim: PrimaryClaim | None = None
+    slot: int | None = None
+    node_id: str | None = None
+    quorum: SentinelQuorum | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the channel is a Redis Cluster shard channel (SSUBSCRIBE / SPUBLISH)."""
+        return self.slot is not None
+
+    def server_id(self, run_id: str | None) -> str | None:
+        """What the replay log's cursor records as the server it read from: the run id,
+        plus the Sentinel epoch, so that a primary promoted again after being replaced (it
+        keeps its run id) is never taken for the same reign."""
+        if run_id is None or self.claim is None:
+            return run_id
+        return f"{run_id}@{self.claim.epoch}"
 
 
 @dataclass(frozen=True)

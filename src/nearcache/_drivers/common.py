@@ -172,6 +172,13 @@ class CacheCommon:
             connection=connection is not None,
             custom=backplane is not None,
         )
+        if self._settings is not None and self._settings.sentinel and (l2 or propagate == "update"):
+            # The L2's clients and scripts talk to one server; they do not follow a primary.
+            raise ConfigurationError(
+                "l2=True and propagate='update' need a standalone Redis; with Sentinel "
+                "(serviceName) only invalidations are supported",
+                option="l2" if l2 else "propagate",
+            )
         self._abort_connect = (
             abort_connect
             if abort_connect is not None
@@ -194,12 +201,15 @@ class CacheCommon:
         """With ``abortConnect=True``, after waiting for the subscription: what the start
         raises (Redis unreachable, or it would refuse to publish), or None."""
         where = self._settings.describe() if self._settings else repr(self._backplane)
+        failure = getattr(self._backplane, "start_failure", None)
+        if not connected and isinstance(failure, ConfigurationError):
+            return failure  # the server shows the configuration cannot work (topology)
         if not connected:
-            reason = getattr(self._backplane, "last_error", None) or "no answer"
+            reason = str(failure or "") or getattr(self._backplane, "last_error", None)
             return BackplaneUnavailableError(
                 f"could not subscribe to channel {self._channel!r} on {where} within "
-                f"{self._connect_timeout()}s ({reason}); pass abortConnect=False to start "
-                "without Redis"
+                f"{self._connect_timeout()}s ({reason or 'no answer'}); pass "
+                "abortConnect=False to start without Redis"
             )
         refused = self._core.publishing.flush_error(0)
         if refused is None:
