@@ -43,3 +43,25 @@ def test_short_chaos_run_with_l2_and_updates_has_no_stale_read(redis_binary: str
     assert report.instances_connected_at_end == 3
     assert report.sharing["l2_hits"] > 0 and report.sharing["updates_received"] > 0
     assert report.writes > 50
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_short_chaos_run_on_sentinel_and_cluster_has_no_stale_read(
+    redis_binary: str, topology: str
+) -> None:
+    """Sentinel failovers (manual, kill -9, a primary cut off from the Sentinels) or cluster
+    slot moves, owners killed or left in a minority, among dropped subscribers and frozen
+    processes: no stale read past the bound, every listener alive at the end."""
+    from tests.chaos_topologies import CLUSTER_FAULTS, SENTINEL_FAULTS
+
+    report = run_chaos(
+        topology=topology, duration=20.0, instances=3, fault_every=1.0, max_staleness=1.0, seed=7
+    )
+    print(report.render())
+    assert report.stale_reads == 0, report.stale_examples
+    assert report.instances_connected_at_end == 3
+    faults = SENTINEL_FAULTS if topology == "sentinel" else CLUSTER_FAULTS
+    assert set(report.faults) == set(faults)
+    assert report.reads > 1000
+    assert report.writes > 50
