@@ -22,7 +22,7 @@ from benchmarks._env import Env, Options
 from benchmarks._report import environment_lines, markdown, write_chart
 from benchmarks._rows import Row
 
-SECTIONS = ("hit", "propagation", "throughput", "fanout", "workload", "memory")
+SECTIONS = ("hit", "propagation", "throughput", "fanout", "workload", "memory", "topology")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
