@@ -395,3 +395,21 @@ def test_concurrent_writes_of_a_key_here_send_no_value() -> None:
     box.add(after)
     (op,) = box.take(100)
     assert isinstance(op, Update) and op.data == b"2"
+
+
+def test_a_value_received_before_an_own_write_comes_back_only_evicts() -> None:
+    """Until this instance's own message for a key has come back on the subscription, a
+    received value of the key (it may precede the own write in the channel) only evicts."""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    data = SafeSerializer().dumps("mine")
+    c.set("k", "mine", "r", None, None, data, None)
+    taken = c.take_ops()
+    c.batch_sent([b"sent"])  # acknowledged, not yet echoed
+    c.receive(message(2, Update("r", "k", SafeSerializer().dumps("theirs"))))
+    assert c.store.get("k", MISSING, "r") is MISSING
+    own = encode(SENDER, taken.first, [Invalidation(Kind.KEY, "r", "k")])
+    c.receive(own)  # the own echo: later values apply again
+    c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
+    assert c.store.get("k", MISSING, "r") == "later"

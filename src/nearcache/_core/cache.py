@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -326,6 +327,11 @@ class CacheCore:
         self.apply_latency = LatencyHistogram()
         # Values shared through the L2 and update messages (None: plain invalidations only).
         self.sharing = sharing
+        # Own writes whose message has not come back on the subscription yet, by the first
+        # sequence number of their batch: a received value never replaces them (it may have
+        # been published before them, and their own echo is skipped), it only evicts.
+        self._unechoed: deque[tuple[int, list[tuple[str | None, Hashable]]]] = deque()
+        self._unechoed_keys: dict[tuple[str | None, Hashable], int] = {}
         if sharing is not None:
             self.outbox.track_writes = True  # concurrent writes of a key here send no value
             if sharing.update:
@@ -466,7 +472,36 @@ class CacheCore:
         chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
         first = self._batch_first_sequence = self._sequence + 1
         self._sequence += len(chunks)
+        if self.outbox.track_in_flight:
+            self._await_echo(first, chunks)
         return Batch(chunks, first, self.instance_id)
+
+    def _await_echo(self, first: int, chunks: list[list[Invalidation]]) -> None:
+        idents: list[tuple[str | None, Hashable]] = [
+            (op.region, op.key) for chunk in chunks for op in chunk if op.key is not None
+        ]
+        if idents:
+            self._unechoed.append((first, idents))
+            counts = self._unechoed_keys
+            for ident in idents:
+                counts[ident] = counts.get(ident, 0) + 1
+
+    def _echoed(self, sequence: int) -> None:
+        """This instance's own message ``sequence`` came back: its batch (a script call puts
+        a batch on the channel contiguously) and every earlier one are past."""
+        unechoed, counts = self._unechoed, self._unechoed_keys
+        while unechoed and unechoed[0][0] <= sequence:
+            for ident in unechoed.popleft()[1]:
+                left = counts[ident] - 1
+                if left:
+                    counts[ident] = left
+                else:
+                    del counts[ident]
+
+    def _forget_echoes(self) -> None:
+        """L1 was dropped: nothing an own write left behind matters any more."""
+        self._unechoed.clear()
+        self._unechoed_keys.clear()
 
     def encode_batch(self, taken: Batch) -> list[bytes]:
         """Encode what :meth:`take_ops` took (reads only immutable state: no lock needed)."""
@@ -545,6 +580,8 @@ class CacheCore:
         ):
             # Redis echoes our own messages: drop them before decoding every operation.
             self.stats.own_messages += 1
+            if self._unechoed:
+                self._echoed(int.from_bytes(payload[20:28], "big"))
             return True
         try:
             message = decode(payload, self.options.secrets or None)
@@ -554,6 +591,8 @@ class CacheCore:
             return False
         if message.sender == self.instance_id or message.sender in self._former_ids:
             self.stats.own_messages += 1
+            if self._unechoed and message.sender == self.instance_id:
+                self._echoed(message.sequence)
             return True
         self.stats.messages_received += 1
         sender, sequence = message.sender, message.sequence
@@ -575,7 +614,9 @@ class CacheCore:
             if op.kind is key_kind:
                 remove(op.key, op.region)
             elif op.kind is Kind.UPDATE and sharing is not None:
-                own = self.outbox.holds(op.region, op.key)
+                own = (op.region, op.key) in self._unechoed_keys or self.outbox.holds(
+                    op.region, op.key
+                )
                 sharing.apply(store, op, trusted=trusted, own_pending=own)  # type: ignore[arg-type]
             else:
                 self.apply(op)
@@ -653,6 +694,7 @@ class CacheCore:
             self.store.confirm(as_of)
             return
         self._reset_senders()
+        self._forget_echoes()
         self.store.repair(as_of)
 
     def lost(self, reason: str) -> None:
@@ -660,6 +702,7 @@ class CacheCore:
         self.stats.losses += 1
         self.last_error = reason
         self._reset_senders()  # the repair covers whatever gap the next messages show
+        self._forget_echoes()
         self.store.repair()
 
     def confirmed(self, as_of: float) -> None:

@@ -217,7 +217,7 @@ class Outbox:
             batch = [queue[i][1] for i in range(count)]
             discard, key_kind = self._waiting_keys.discard, Kind.KEY
             for op in batch:
-                if op.kind is key_kind:
+                if op.kind is key_kind or op.kind is Kind.UPDATE:
                     discard((op.region, op.key))
         if self._latest or self._values or self._accepted_at:
             self._take_latest(batch)
