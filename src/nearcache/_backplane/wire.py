@@ -223,7 +223,9 @@ class AsyncWire:
         """Write the request into the transport (see :meth:`Wire.write_nowait`)."""
         data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
         self._ready = False
-        self._conn._writer.write(data)  # a lost connection shows in the sender's read
+        writer = self._conn._writer
+        if writer is not None:  # None: aborted under the driver; the sender's read fails
+            writer.write(data)  # a lost connection shows in the sender's read too
 
     async def complete(self) -> int:
         """In the sender task: read the reply of the caller's write (see
