@@ -385,7 +385,9 @@ class CacheCore:
 
         ``data``: the value serialized, to share it (L2, update message); ``since``: the log
         position this instance had applied (see :meth:`Sharing.operation`)."""
-        self.store.set(key, value, region, ttl=ttl, sliding=sliding)
+        self.store.set(key, value, region, ttl, sliding)
+        if not self.networked:
+            return False  # (checked here too: a local set is cheaper than a cachetools one)
         return self._queue_write(key, region, ttl, sliding, data, since)
 
     def write(
