@@ -268,3 +268,28 @@ def test_monitor_and_invalidate_on_each_topology(
                 monitor.communicate()
     assert monitor.returncode == 0, err
     assert out.count('"key": "k"') == 2  # the cache's own set, then the command's
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_demo_shows_a_failover(redis_binary: str, topology: str) -> None:
+    """nearcache demo --topology starts a private Sentinel set or cluster, kills the node in
+    charge in step 6, and every check passes: the instances follow, no entry past the bound."""
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "nearcache", "demo", "--quiet", "--duration", "1",
+         "--topology", topology],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "NEARCACHE_REDIS_SERVER": redis_binary},
+        check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert f"step 6/6: failover ({topology})" in out
+    assert "every instance subscribed on the new node by itself" in out
+    assert re.search(rf"failover \({topology}\): every instance followed in [\d.]+ s", out)
+    assert re.search(r"result: all \d+ checks passed", out)

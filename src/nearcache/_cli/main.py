@@ -114,6 +114,8 @@ what it shows:
   then random reads and updates for --duration seconds, and
   6. a Redis outage (SIGKILL, restart on the same port; private Redis only): reads keep
      being served, no L1 entry outlives max_staleness, the backplanes reconnect by themselves.
+     With --topology sentinel|cluster: kill -9 of the primary (or of the channel's shard
+     primary) instead; every instance follows the new one by itself.
   Exit code 0 when every check passed, 1 otherwise.
 
 examples:
@@ -121,6 +123,8 @@ examples:
   nearcache demo --instances 5 --duration 20
   nearcache demo --quiet --duration 3                 # plain log lines, for CI
   nearcache demo --redis redis://127.0.0.1:6379/0     # an existing Redis (no outage step)
+  nearcache demo --topology sentinel                  # primary, replica, 3 Sentinels
+  nearcache demo --topology cluster                   # 3 primaries, 3 replicas
 
 Needs redis-server on PATH for the private Redis (apt-get install redis-server, or
 brew install redis) unless --redis is given. The live table needs rich:
@@ -222,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="S",
         help="the instances' staleness bound in seconds (0.1-5, default 1)",
+    )
+    demo.add_argument(
+        "--topology",
+        choices=("standalone", "sentinel", "cluster"),
+        default="standalone",
+        help="a private single server (default), Sentinel set (primary, replica, 3 Sentinels) "
+        "or 3+3 Redis Cluster; on the last two step 6 is a failover instead of an outage",
     )
     demo.set_defaults(handler=_run_demo)
 
@@ -375,6 +386,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.redis is not None:
         _settings(args.redis)  # a bad string is a usage error, before anything starts
+        if args.topology != "standalone":
+            _error("--topology starts a private topology: give it without --redis")
+            return 2
     options = DemoOptions(
         instances=args.instances,
         duration=args.duration,
@@ -382,6 +396,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         redis=args.redis,
         channel=args.channel,
         max_staleness=args.max_staleness,
+        topology=args.topology,
     )
     try:
         return run_demo(options)

@@ -50,6 +50,7 @@ from nearcache._cli.demo.server import (
     RedisStartError,
     find_redis_server,
 )
+from nearcache._cli.demo.topology import PrivateTopology
 from nearcache._cli.demo.view import Board, format_latency, percentile, plain_output_reason
 from nearcache._config import RedisSettings, parse_connection_string
 from nearcache._exceptions import ConfigurationWarning
@@ -75,6 +76,7 @@ class DemoOptions:
     redis: str | None = None
     channel: str | None = None
     max_staleness: float = 1.0
+    topology: str = "standalone"  # or "sentinel" / "cluster": a private one, failed over
 
     @property
     def outage(self) -> float:
@@ -104,7 +106,8 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> int:
     reason = None if options.quiet else plain_output_reason()
     if reason is not None:
         out.write(f"nearcache demo: {reason}\n")
-    names = [chr(ord("A") + i) for i in range(options.instances + 1)]  # + one that joins late
+    late = 1 if options.topology == "standalone" else 0  # one joins late (from the L2)
+    names = [chr(ord("A") + i) for i in range(options.instances + late)]
     channel = options.channel or f"demo-{secrets.token_hex(3)}"
     board = Board(names, out, live=not options.quiet and reason is None)
     with (
@@ -114,8 +117,20 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> int:
     ):
         workdir = Path(tmp)
         private: PrivateRedis | None = None
+        topology: PrivateTopology | None = None
         try:
-            if options.redis is not None:
+            if options.topology != "standalone":
+                binary = find_redis_server()
+                if binary is None:
+                    raise DemoSetupError(f"redis-server not found; {INSTALL_HINT}")
+                topology = PrivateTopology(options.topology, binary, workdir)
+                try:
+                    topology.start()
+                except RedisStartError as exc:
+                    raise DemoSetupError(str(exc), exit_code=1) from None
+                connection = topology.connection
+                where = topology.describe()
+            elif options.redis is not None:
                 connection = options.redis
                 where = _check_reachable(options.redis)
                 if options.channel is None:  # a channel of our own: leave nothing behind
@@ -133,11 +148,14 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> int:
                 where = f"private redis-server on {private.url}"
             create(workdir / "catalog.sqlite3")
             demo = _Demo(options, board, connection, channel, workdir, private)
+            demo.topology = topology
             return demo.run(where)
         finally:
             with _shielded():
                 if private is not None:
                     private.stop()
+                if topology is not None:
+                    topology.stop()
 
 
 def _check_reachable(connection: str) -> str:
@@ -243,6 +261,7 @@ class _Demo:
         self.channel = channel
         self.workdir = workdir
         self.private = private
+        self.topology: PrivateTopology | None = None
         self.instances: list[InstanceProcess] = []
         self.rng = random.Random()
         self.stop = threading.Event()
@@ -259,6 +278,11 @@ class _Demo:
         try:
             with board:
                 board.note(f"Redis: {where}; channel {self.channel!r}")
+                if self.topology is not None:
+                    board.note(
+                        f"watch it live: nearcache monitor {self.connection} "
+                        f"--channel {self.channel}"
+                    )
                 if self.private is not None:
                     board.note(
                         f"watch it live: nearcache monitor {self.private.url} "
@@ -297,8 +321,13 @@ class _Demo:
         self._clear_region(writer, others)
         self._clear_all(writer)
         self._load()
-        self._late_join()
-        if self.private is None:
+        if self.topology is None:
+            self._late_join()
+        else:
+            self.board.note("late join from L2 skipped: the L2 needs a standalone Redis")
+        if self.topology is not None:
+            self._failover(self.topology, writer, others)
+        elif self.private is None:
             self.board.step("step 6/6: Redis outage -- skipped")
             self.board.note(
                 "outage step skipped: --redis was given, and the demo only crashes a Redis "
@@ -315,6 +344,7 @@ class _Demo:
         board.step(f"starting {self.options.instances} instance processes")
         config = {
             "connection": self.connection,
+            "l2": self.topology is None,
             "channel": self.channel,
             "db": str(self.workdir / "catalog.sqlite3"),
             "max_staleness": self.options.max_staleness,
@@ -452,12 +482,14 @@ class _Demo:
         second = self._each(self.instances, "read", region="products", key=HOT_PRODUCT)
         self._each(self.instances, "read", region="prices", key=HOT_PRODUCT)
         names = ", ".join(i.name for i in rest)
+        # Sentinel and Cluster run without the L2 (it needs a standalone Redis).
+        shared = "l2" if self.topology is None else "sqlite"
         board.check(
             first[0]["source"] == "sqlite"
-            and all(r["source"] == "l2" for r in first[1:])
+            and all(r["source"] == shared for r in first[1:])
             and all(r["source"] == "l1" for r in second),
             f"{loader.name} loaded product {HOT_PRODUCT} (v{first[0]['version']}) from SQLite, "
-            f"{names} got it from the shared L2 (Redis); then every instance served it from L1",
+            f"{names} got it from {_SOURCES[shared]}; then every instance served it from L1",
         )
 
     def _update_hot_product(
@@ -667,6 +699,55 @@ class _Demo:
             f"{reconnected - restarted:.2f} s after the restart; propagation works again"
         )
 
+    def _failover(
+        self, topology: PrivateTopology, writer: InstanceProcess, others: Sequence[InstanceProcess]
+    ) -> None:
+        """Step 6 on a Sentinel set or a cluster: kill the node in charge, watch every
+        instance follow the new one, with no entry served past the bound meanwhile."""
+        board = self.board
+        bound = self.options.max_staleness
+        board.step(f"step 6/6: failover ({topology.kind}): kill -9 of the node in charge")
+        before = {name: s["resubscriptions"] for name, s in self._stats().items()}
+        self._each(self.instances, "track")
+        killed = time.monotonic()
+        board.note(topology.fail(self.channel))
+        followed = self._wait_stats(
+            lambda name, s: s["state"] == "connected" and s["resubscriptions"] > before[name],
+            30.0,
+            "subscribed on the new node",
+        )
+        board.check(
+            True,
+            f"every instance subscribed on the new node by itself {followed - killed:.2f} s "
+            "after the kill",
+        )
+        reports = self._each(self.instances, "outage_report", start=killed, end=followed)
+        errors = sum(r["errors"] for r in reports)
+        oldest = max(r["max_age"] for r in reports)
+        violations = sum(r["violations"] for r in reports)
+        board.check(
+            errors == 0 and all(r["reads"] > 0 for r in reports),
+            f"reads kept being served during the failover: "
+            f"{sum(r['reads'] for r in reports):,}; {errors} errors",
+        )
+        board.check(
+            violations == 0,
+            f"no L1 entry served past the staleness bound: the oldest L1 answer came "
+            f"{_floor_ms(oldest)} ms after its load or the kill, whichever was later "
+            f"(max_staleness {bound * 1000:g} ms); {violations} violations",
+        )
+        _, latencies = self._propagate(writer, HOT_PRODUCT, others)
+        board.check(
+            all(v is not None for v in latencies.values()),
+            f"propagation works on the new node: {writer.name} updated product {HOT_PRODUCT}, "
+            f"dropped by {self._latency_text(latencies)}",
+        )
+        self.outage_line = (
+            f"failover ({topology.kind}): every instance followed in {followed - killed:.2f} s; "
+            f"oldest L1 answer {_floor_ms(oldest)} ms <= max_staleness {bound * 1000:g} ms; "
+            "propagation works on the new node"
+        )
+
     def _converge(self) -> None:
         board = self.board
         board.step("final check: every instance against SQLite")
@@ -710,7 +791,7 @@ class _Demo:
                 f"max {format_latency(max(samples), unicode=unicode)} "
                 f"over {len(samples)} measurements"
             )
-        if self.private is None:
+        if self.private is None and self.topology is None:
             board.line("outage step skipped (--redis): the demo only crashes its own Redis")
         elif self.outage_line is not None:
             board.line(self.outage_line)

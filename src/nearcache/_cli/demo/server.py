@@ -58,9 +58,18 @@ def _bindable(port: int) -> bool:
 class PrivateRedis:
     """One ``redis-server`` child owned by the demo."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        *,
+        extra_args: tuple[str, ...] = (),
+        sentinel_config: Path | None = None,
+    ) -> None:
         self._binary = binary
         self._workdir = workdir
+        self._extra_args = extra_args  # more redis-server options (demo --topology)
+        self._sentinel_config = sentinel_config  # run as a Sentinel with this config file
         self._log = workdir / "redis.log"
         self._port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -96,23 +105,30 @@ class PrivateRedis:
             time.sleep(0.02)
         self._launch(max(deadline - time.monotonic(), 1.0))
 
+    @property
+    def alive(self) -> bool:
+        """Whether the process is running."""
+        return self._proc is not None and self._proc.poll() is None
+
     def _launch(self, timeout: float) -> None:
+        head = [self._binary]
+        if self._sentinel_config is not None:
+            head += [str(self._sentinel_config), "--sentinel"]
         args = [
-            self._binary,
+            *head,
             "--port",
             str(self._port),
             "--bind",
             _HOST,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            # A Sentinel takes no persistence options (it rewrites its config file instead).
+            *(() if self._sentinel_config is not None else ("--save", "", "--appendonly", "no")),
             "--daemonize",
             "no",
             "--dir",
             str(self._workdir),
             "--logfile",
             str(self._log),
+            *self._extra_args,
         ]
         self._proc = subprocess.Popen(  # noqa: S603 - the redis-server binary we found
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
