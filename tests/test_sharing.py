@@ -102,6 +102,27 @@ def test_holds_knows_waiting_and_in_flight_keys() -> None:
     assert not box.holds("r", "k")
 
 
+def test_holds_counts_own_clears_as_writes_of_their_keys() -> None:
+    """A waiting or in-flight clear_region holds every key of its region, a clear every key;
+    a partial take moves only what it took."""
+    box = Outbox()
+    box.track_in_flight = True
+    box.add(Invalidation(Kind.REGION, "r"))
+    box.add(Invalidation(Kind.KEY, "s", "j"))
+    assert box.holds("r", "k") and not box.holds("s", "k") and not box.holds(None, "k")
+    assert box.take(1) == [Invalidation(Kind.REGION, "r")]
+    assert box.holds("r", "k")  # in flight
+    box.commit()
+    assert not box.holds("r", "k") and box.holds("s", "j")
+    box.take(100)
+    box.commit()
+    box.add(Invalidation(Kind.CLEAR))
+    assert box.holds("s", "k") and box.holds(None, "k")
+    box.take(100)
+    box.commit()
+    assert not box.holds("s", "k")
+
+
 # -- publish plans ------------------------------------------------------------------------
 
 
@@ -411,5 +432,33 @@ def test_a_value_received_before_an_own_write_comes_back_only_evicts() -> None:
     assert c.store.get("k", MISSING, "r") is MISSING
     own = encode(SENDER, taken.first, [Invalidation(Kind.KEY, "r", "k")])
     c.receive(own)  # the own echo: later values apply again
+    c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
+    assert c.store.get("k", MISSING, "r") == "later"
+
+
+@pytest.mark.parametrize("stage", ["waiting", "in flight", "acknowledged"])
+@pytest.mark.parametrize("own", ["clear_region", "clear"])
+def test_a_value_received_before_an_own_clear_comes_back_only_evicts(own: str, stage: str) -> None:
+    """An own clear_region or clear is a write of every key it covers: until its message has
+    come back, a received value of such a key (published before it, so older than the write
+    behind it) only evicts. Otherwise it stayed here for good: the echo of the clear, which
+    drops it everywhere else, is skipped here."""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    op = Invalidation(Kind.REGION, "r") if own == "clear_region" else Invalidation(Kind.CLEAR)
+    c.local(op)
+    taken = None
+    if stage != "waiting":
+        taken = c.take_ops()
+    if stage == "acknowledged":
+        c.batch_sent([b"sent"])
+    c.receive(message(2, Update("r", "k", SafeSerializer().dumps("theirs"))))
+    assert c.store.get("k", MISSING, "r") is MISSING
+    if taken is None:
+        taken = c.take_ops()
+    if stage != "acknowledged":
+        c.batch_sent([b"sent"])
+    c.receive(encode(SENDER, taken.first, [op]))  # the own echo: later values apply again
     c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
     assert c.store.get("k", MISSING, "r") == "later"

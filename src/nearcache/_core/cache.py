@@ -19,7 +19,7 @@ from typing import NamedTuple
 from nearcache._core.codec import Invalidation, Kind, Update, decode, encode, split
 from nearcache._core.flights import Flights
 from nearcache._core.l2 import MessagePlan
-from nearcache._core.outbox import Outbox
+from nearcache._core.outbox import EVERY_KEY, REGION_KEYS, Outbox, written_ident
 from nearcache._core.publishing import Publishing
 from nearcache._core.sharing import Sharing
 from nearcache._core.store import HIT_PATH, L1Store, Reservation
@@ -479,8 +479,9 @@ class CacheCore:
         return Batch(chunks, first, self.instance_id)
 
     def _await_echo(self, first: int, chunks: list[list[Invalidation]]) -> None:
+        # A clear_region or clear writes every key it covers (outbox.written_ident).
         idents: list[tuple[str | None, Hashable]] = [
-            (op.region, op.key) for chunk in chunks for op in chunk if op.key is not None
+            written_ident(op) for chunk in chunks for op in chunk
         ]
         if idents:
             self._unechoed.append((first, idents))
@@ -616,9 +617,7 @@ class CacheCore:
             if op.kind is key_kind:
                 remove(op.key, op.region)
             elif op.kind is Kind.UPDATE and sharing is not None:
-                own = (op.region, op.key) in self._unechoed_keys or self.outbox.holds(
-                    op.region, op.key
-                )
+                own = self._own_write_pending(op.region, op.key)
                 sharing.apply(store, op, trusted=trusted, own_pending=own)  # type: ignore[arg-type]
             else:
                 self.apply(op)
@@ -628,6 +627,16 @@ class CacheCore:
         if self.listeners:
             self.received.extend(message.operations)
         return True
+
+    def _own_write_pending(self, region: str | None, key: Hashable) -> bool:
+        """Whether a write of this key here (a set, write or remove of it, a clear_region of
+        its region, a clear) waits, is in flight, or has not come back on the subscription."""
+        unechoed = self._unechoed_keys
+        if unechoed and (
+            (region, key) in unechoed or (region, REGION_KEYS) in unechoed or EVERY_KEY in unechoed
+        ):
+            return True
+        return self.outbox.holds(region, key)
 
     def _sequence_check(self, sender: bytes, sequence: int, now: float) -> tuple[bool, bool]:
         """Record a sender's message; return whether messages of it were missed before it

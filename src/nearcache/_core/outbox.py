@@ -26,9 +26,37 @@ from collections.abc import Hashable
 
 from nearcache._core.codec import Invalidation, Kind, Update
 
-__all__ = ["Outbox"]
+__all__ = ["EVERY_KEY", "REGION_KEYS", "Outbox", "written_ident"]
 
 _Ident = tuple[str | None, Hashable]
+
+
+class _Every:
+    """A stand-in key for every key a clear writes (never equal to a real key)."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __repr__(self) -> str:
+        return f"<{self._what}>"
+
+
+REGION_KEYS = _Every("every key of the region")  # (region, REGION_KEYS): a clear_region
+EVERY_KEY: _Ident = (None, _Every("every key"))  # a clear
+
+
+def written_ident(op: Invalidation) -> _Ident:
+    """What a write makes stale: one key, ``(region, REGION_KEYS)`` for a clear_region, or
+    :data:`EVERY_KEY` for a clear."""
+    if op.kind is Kind.REGION:
+        return (op.region, REGION_KEYS)
+    if op.kind is Kind.CLEAR:
+        return EVERY_KEY
+    return (op.region, op.key)
+
+
 # Enum members read through their class cost ~50-80 ns each on Python 3.11: the per-write
 # paths compare with these module constants instead.
 _KEY, _UPDATE, _CLEAR = Kind.KEY, Kind.UPDATE, Kind.CLEAR
@@ -49,7 +77,8 @@ class Outbox:
         self.value_bytes = 0
         self.values_dropped = 0  # values sent as plain invalidations: past the byte bound
         self.track_in_flight = False
-        self._in_flight_keys: set[_Ident] = set()
+        self._in_flight_keys: set[_Ident] = set()  # clears as written_ident() names them
+        self._waiting_clears: dict[_Ident, int] = {}  # with track_in_flight only
         # With values (track_writes): the sequence of each waiting key's latest write.
         self.track_writes = False
         self._accepted_at: dict[_Ident, int] = {}
@@ -174,7 +203,11 @@ class Outbox:
             self._latest.clear()
             self._values.clear()
             self._accepted_at.clear()
+            self._waiting_clears.clear()
             self.value_bytes = 0
+        if self.track_in_flight:
+            cleared = written_ident(op)
+            self._waiting_clears[cleared] = self._waiting_clears.get(cleared, 0) + 1
         self._queue.append((seq, op))
         return self._accepted
 
@@ -197,10 +230,21 @@ class Outbox:
             self.value_bytes += len(op.data)
 
     def holds(self, region: str | None, key: Hashable) -> bool:
-        """Whether a write of this key made here waits or is in flight (the latter known only
-        with ``track_in_flight``)."""
+        """Whether a write of this key made here waits or is in flight (the latter, and the
+        clears and clear_regions that write it, known only with ``track_in_flight``)."""
         ident = (region, key)
-        return ident in self._waiting_keys or ident in self._in_flight_keys
+        if ident in self._waiting_keys or ident in self._in_flight_keys:
+            return True
+        clears, flying = self._waiting_clears, self._in_flight_keys
+        if not clears and not flying:
+            return False
+        region_keys = (region, REGION_KEYS)
+        return (
+            region_keys in clears
+            or EVERY_KEY in clears
+            or region_keys in flying
+            or EVERY_KEY in flying
+        )
 
     def take(self, max_ops: int) -> list[Invalidation]:
         """Mark up to ``max_ops`` waiting invalidations as in flight and return them in order.
@@ -222,9 +266,19 @@ class Outbox:
         if self._latest or self._values or self._accepted_at:
             self._take_latest(batch)
         if self.track_in_flight:
-            self._in_flight_keys = {
-                (op.region, op.key) for op in batch if op.kind is Kind.KEY or op.kind is Kind.UPDATE
-            }
+            self._in_flight_keys = {written_ident(op) for op in batch}
+            clears = self._waiting_clears
+            if count == len(queue):
+                clears.clear()
+            elif clears:
+                for op in batch:
+                    if op.kind is Kind.REGION or op.kind is Kind.CLEAR:
+                        ident = written_ident(op)
+                        left = clears[ident] - 1
+                        if left:
+                            clears[ident] = left
+                        else:
+                            del clears[ident]
         self._in_flight = count
         return batch
 
