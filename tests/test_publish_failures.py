@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from nearcache import AsyncNearCache, NearCache, PublishRefusedError
+from nearcache import MISSING, AsyncNearCache, NearCache, PublishRefusedError
 from tests.conftest import DEFAULT_USER_PASSWORD
 from tests.servers import RedisServer, wait_until
 
@@ -58,6 +59,17 @@ class Driver:
         if self.loop is not None and asyncio.iscoroutine(value):
             return self.loop.run_until_complete(value)
         return value
+
+    def read(self, cache: Any, key: str, region: str | None = None) -> Any:
+        """``cache.get(key, MISSING, region)``, awaited for an AsyncNearCache."""
+        value = cache.get(key, MISSING, region)
+        if self.loop is None:
+            return value
+
+        async def awaited() -> Any:
+            return await value
+
+        return self.loop.run_until_complete(awaited())
 
     def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         """Poll ``condition`` with a deadline, letting the loop run meanwhile."""
@@ -180,3 +192,41 @@ def test_a_publish_refused_for_memory_recovers_once_redis_accepts_it(
             admin.config_set("maxmemory", 0)
             admin.close()
             driver.close(writer)
+
+
+@pytest.mark.parametrize("write", ["remove", "clear_region", "clear"])
+def test_a_read_on_the_writer_before_its_write_is_published_never_keeps_the_l2_value(
+    driver: Driver, limited_user: str, acl_redis: RedisServer, channel: str, write: str
+) -> None:
+    """With l2=True, a miss on the writer itself between its write and that write's publish
+    (here held back by a refused XADD) read L2, which still held the value the write replaced,
+    and kept it in L1 for good: the write's own message, which drops it on every other
+    instance, is skipped on its sender. A read started more than max_staleness after flush()
+    returned got the old value."""
+    source = {"k": 1}
+    cache = driver.make(
+        limited_user, channel=channel, abort_connect=False, l2=True, max_staleness=0.5
+    )
+    admin = redis.Redis(host=acl_redis.host, port=acl_redis.port, password=DEFAULT_USER_PASSWORD)
+    try:
+        driver.until(lambda: cache.backplane_state.value == "connected")
+        assert driver.run(cache.get_or_set("k", lambda: source["k"], region="r")) == 1
+        driver.until(lambda: cache.stats().l2_fills == 1)  # L2 holds 1 (a fill needs no XADD)
+        source["k"] = 2  # the source first, then the invalidation
+        if write == "remove":
+            driver.run(cache.remove("k", region="r"))
+        elif write == "clear_region":
+            driver.run(cache.clear_region("r"))
+        else:
+            driver.run(cache.clear())
+        driver.run(cache.get_or_set("k", lambda: source["k"], region="r"))  # a miss here
+        admin.acl_setuser(LIMITED_USER, enabled=True, commands=["+xadd"])
+        driver.until(lambda: cache.stats().publishing == "ok", timeout=30)  # the retry went out
+        driver.run(cache.flush(timeout=5))
+        flushed = time.monotonic()
+        # Past the bound, with the loop running (the heartbeats keep confirming):
+        driver.until(lambda: time.monotonic() > flushed + 0.5 + 0.1)
+        assert driver.read(cache, "k", region="r") in (2, MISSING)
+    finally:
+        driver.close(cache)
+        admin.close()

@@ -332,10 +332,13 @@ class CacheCore:
         # been published before them, and their own echo is skipped), it only evicts.
         self._unechoed: deque[tuple[int, list[tuple[str | None, Hashable]]]] = deque()
         self._unechoed_keys: dict[tuple[str | None, Hashable], int] = {}
+        # A received value never replaces an own write still waiting, in flight or unechoed
+        # (update messages), and an L2 read never runs while one waits or is in flight (L2
+        # changes with the publish; see own_write_pending).
+        self._awaits_echo = sharing is not None and sharing.update
         if sharing is not None:
             self.outbox.track_writes = True  # concurrent writes of a key here send no value
-            if sharing.update:
-                self.outbox.track_in_flight = True  # a received value never replaces an own write
+            self.outbox.track_in_flight = True
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
@@ -474,7 +477,7 @@ class CacheCore:
         chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
         first = self._batch_first_sequence = self._sequence + 1
         self._sequence += len(chunks)
-        if self.outbox.track_in_flight:
+        if self._awaits_echo:
             self._await_echo(first, chunks)
         return Batch(chunks, first, self.instance_id)
 
@@ -617,7 +620,7 @@ class CacheCore:
             if op.kind is key_kind:
                 remove(op.key, op.region)
             elif op.kind is Kind.UPDATE and sharing is not None:
-                own = self._own_write_pending(op.region, op.key)
+                own = self.own_write_pending(op.region, op.key)
                 sharing.apply(store, op, trusted=trusted, own_pending=own)  # type: ignore[arg-type]
             else:
                 self.apply(op)
@@ -628,9 +631,15 @@ class CacheCore:
             self.received.extend(message.operations)
         return True
 
-    def _own_write_pending(self, region: str | None, key: Hashable) -> bool:
+    def own_write_pending(self, region: str | None, key: Hashable) -> bool:
         """Whether a write of this key here (a set, write or remove of it, a clear_region of
-        its region, a clear) waits, is in flight, or has not come back on the subscription."""
+        its region, a clear) waits, is in flight, or (with update messages) has not come back
+        on the subscription. (Only with sharing: False otherwise.)
+
+        Until it is published, L2 may still hold the value it replaced: a miss here must not
+        read L2 then, since the write's own message, which drops what it replaced on every
+        other instance, is skipped here (callers check under the lock, as the reservation of
+        the load is taken: a write after that cancels the reservation)."""
         unechoed = self._unechoed_keys
         if unechoed and (
             (region, key) in unechoed or (region, REGION_KEYS) in unechoed or EVERY_KEY in unechoed

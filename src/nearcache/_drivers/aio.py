@@ -326,8 +326,14 @@ class AsyncNearCache(CacheCommon):
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
         flight = flights.start(key, region)
+        # Not while an own write of the key is unpublished: L2 may predate it.
+        from_l2 = (
+            self._l2 is not None
+            and self._l2.reads
+            and not self._core.own_write_pending(region, key)
+        )
         try:
-            if self._l2 is not None and self._l2.reads:
+            if from_l2:
                 result, ttl = await self._l2_load(key, region, factory, ttl)
             else:
                 result = factory()

@@ -347,13 +347,19 @@ class NearCache(CacheCommon):
                 outcome: _Outcome = joined.wake
             else:
                 flight = flights.start(key, region)
+                # Not while an own write of the key is unpublished: L2 may predate it.
+                from_l2 = (
+                    self._l2 is not None
+                    and self._l2.reads
+                    and not self._core.own_write_pending(region, key)
+                )
         if joined is not None:  # wait for the load's result
             outcome.done.wait()
             if outcome.error is not None:
                 raise outcome.error
             return outcome.value  # type: ignore[return-value]
         try:
-            if self._l2 is not None and self._l2.reads:
+            if from_l2:
                 value, ttl = self._l2_load(key, region, factory, ttl)
             else:
                 value = factory()
