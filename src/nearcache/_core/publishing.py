@@ -85,12 +85,13 @@ class Publishing:
         if reply is not None and not reply.startswith(TRANSIENT_REPLIES):
             first = self.state is not PublishState.REFUSED
             self.state, self.reply = PublishState.REFUSED, f"{reply}{also}"
-            self._delay = REFUSED_RETRY_MIN if first else min(self._delay * 2, REFUSED_RETRY_MAX)
+            # (Not first after refused_at_start, which set no delay: never below the minimum.)
+            self._delay = max(REFUSED_RETRY_MIN, min(self._delay * 2, REFUSED_RETRY_MAX))
             self._log(logging.ERROR, first, pending)
         else:
             first = self.state is PublishState.OK
             self.state, self.reply = PublishState.FAILING, None
-            self._delay = RETRY_MIN if first else min(self._delay * 2, RETRY_MAX)
+            self._delay = RETRY_MIN if first else max(RETRY_MIN, min(self._delay * 2, RETRY_MAX))
             # A Redis restart fails a few attempts and heals: say so only if it lasts.
             if self.failures >= 10:
                 self._log(logging.WARNING, self.failures == 10, pending)
