@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -245,3 +246,54 @@ def test_a_refusal_found_at_start_still_paces_the_retries() -> None:
     publishing = Publishing("c", lambda: 0.0)
     publishing.refused_at_start("NOPERM the Redis user may not run XADD c:log")
     assert publishing.failed(ConnectionError("down"), 1) >= 0.05
+
+
+@pytest.mark.parametrize("clear", ["clear_region", "clear"])
+def test_a_write_racing_a_clear_on_the_same_instance_never_leaves_the_older_value(
+    limited_user: str, acl_redis: RedisServer, channel: str, clear: str
+) -> None:
+    """Thread Y's write(k) writes the source (1); thread X then writes the source (2) and
+    clears k's region (or everything) while Y's change still runs; both wait in the outbox
+    behind a batch whose publish Redis refuses (an ACL without XADD, granted afterwards),
+    so they go out in one batch. Y's value must not outlive X's clear: it did, shared through
+    L2 right behind the clear, and a read started after flush() + max_staleness got 1."""
+    source = {"k": 0}
+    admin = redis.Redis(host=acl_redis.host, port=acl_redis.port, password=DEFAULT_USER_PASSWORD)
+    writer = NearCache(
+        limited_user, channel=channel, abort_connect=False, l2=True, max_staleness=0.5
+    )
+    primer = NearCache(
+        f"{acl_redis.host}:{acl_redis.port},password={DEFAULT_USER_PASSWORD}", channel=channel
+    )
+    try:
+        wait_until(lambda: writer.backplane_state.value == "connected")
+        primer.remove("prime")  # a logged message: the writer then has a log position
+        primer.flush()
+        wait_until(lambda: writer.stats().messages_received == 1)
+        writer.remove("z")  # its publish is refused: in flight until XADD is granted
+        wait_until(lambda: writer.stats().publish_failures >= 1)
+        changed, release = threading.Event(), threading.Event()
+
+        def change() -> int:
+            source["k"] = 1
+            changed.set()
+            assert release.wait(10)
+            return 1
+
+        y = threading.Thread(target=lambda: writer.write("k", change, region="r"))
+        y.start()
+        assert changed.wait(10)
+        source["k"] = 2  # X: the source first, then the clear
+        writer.clear_region("r") if clear == "clear_region" else writer.clear()
+        release.set()
+        y.join(10)
+        admin.acl_setuser(LIMITED_USER, enabled=True, commands=["+xadd"])
+        wait_until(lambda: writer.stats().publishing == "ok", timeout=30)
+        writer.flush(timeout=5)
+        flushed = time.monotonic()
+        wait_until(lambda: time.monotonic() > flushed + 0.5 + 0.1)  # past the bound
+        assert writer.get_or_set("k", lambda: source["k"], region="r") == 2
+    finally:
+        writer.close()
+        primer.close()
+        admin.close()

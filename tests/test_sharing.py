@@ -418,6 +418,32 @@ def test_concurrent_writes_of_a_key_here_send_no_value() -> None:
     assert isinstance(op, Update) and op.data == b"2"
 
 
+@pytest.mark.parametrize(
+    "clear", [Invalidation(Kind.REGION, "r"), Invalidation(Kind.CLEAR)], ids=["region", "all"]
+)
+def test_a_write_whose_change_ran_across_a_clear_here_sends_no_value(clear: Invalidation) -> None:
+    """Another caller here cleared the key's region (or everything) while the write's change
+    ran, and the clear still waits: the two may have reached the source in either order, so
+    the value goes as an invalidation. (It went as a value, right behind the clear in the same
+    batch: the publish script only sees clears already logged, so every instance and L2 kept
+    it even when the clear's source write was the later one.) A clear made before the change
+    began leaves the value alone."""
+    box = Outbox()
+    box.track_writes = True
+    started = box.accepted
+    box.add(clear)
+    late = update("k", b"mine")
+    late.started = started
+    box.add(late)
+    assert [type(op) for op in box.take(100)] == [Invalidation, Invalidation]
+    box.commit()
+    box.add(clear)
+    after = update("k", b"2")
+    after.started = box.accepted  # began after the clear was accepted
+    box.add(after)
+    assert [type(op) for op in box.take(100)] == [Invalidation, Update]
+
+
 def test_a_value_received_before_an_own_write_comes_back_only_evicts() -> None:
     """Until this instance's own message for a key has come back on the subscription, a
     received value of the key (it may precede the own write in the channel) only evicts."""

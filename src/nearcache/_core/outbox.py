@@ -82,6 +82,9 @@ class Outbox:
         # With values (track_writes): the sequence of each waiting key's latest write.
         self.track_writes = False
         self._accepted_at: dict[_Ident, int] = {}
+        # With track_writes: when each waiting clear_region, and a waiting clear, was accepted
+        # (by written_ident); a value whose change ran across one is sent as an invalidation.
+        self._cleared_at: dict[_Ident, int] = {}
         self._queue: deque[tuple[int, Invalidation]] = deque()  # (first sequence, op)
         self._in_flight = 0  # length of the queue's prefix taken by the sender
         self._waiting_keys: set[tuple[str | None, Hashable]] = set()
@@ -166,6 +169,13 @@ class Outbox:
             ident = (op.region, op.key)
             if op.kind is Kind.UPDATE:
                 op = self._admit(ident, op)  # type: ignore[arg-type]
+                started = getattr(op, "started", None)
+                if started is not None and self._cleared_since(op.region, started):
+                    # Another caller here cleared the key's region (or everything) while
+                    # this write ran, and that clear waits: it may go out in the same batch,
+                    # where the publish script cannot see it, and which of the two reached
+                    # the source last is unknown. No value is sent.
+                    op = op.invalidation()  # type: ignore[attr-defined]
             if ident in self._waiting_keys:
                 self.coalesced += 1
                 if op.kind is Kind.UPDATE or ident in self._values or ident in self._latest:
@@ -204,12 +214,22 @@ class Outbox:
             self._values.clear()
             self._accepted_at.clear()
             self._waiting_clears.clear()
+            self._cleared_at.clear()
             self.value_bytes = 0
+        if self.track_writes:
+            self._cleared_at[written_ident(op)] = self._accepted  # (seq may be an earlier one)
         if self.track_in_flight:
             cleared = written_ident(op)
             self._waiting_clears[cleared] = self._waiting_clears.get(cleared, 0) + 1
         self._queue.append((seq, op))
         return self._accepted
+
+    def _cleared_since(self, region: str | None, started: int) -> bool:
+        """Whether a clear of ``region``, or of everything, accepted after ``started`` waits."""
+        cleared = self._cleared_at
+        return bool(cleared) and (
+            cleared.get((region, REGION_KEYS), 0) > started or cleared.get(EVERY_KEY, 0) > started
+        )
 
     def _admit(self, ident: _Ident, op: Update) -> Invalidation:
         """The value, or its plain invalidation if the waiting values would exceed the bound."""
@@ -265,6 +285,8 @@ class Outbox:
                     discard((op.region, op.key))
         if self._latest or self._values or self._accepted_at:
             self._take_latest(batch)
+        if self._cleared_at:
+            self._take_cleared(count)
         if self.track_in_flight:
             self._in_flight_keys = {written_ident(op) for op in batch}
             clears = self._waiting_clears
@@ -281,6 +303,23 @@ class Outbox:
                             del clears[ident]
         self._in_flight = count
         return batch
+
+    def _take_cleared(self, count: int) -> None:
+        """The first ``count`` waiting operations were taken: forget the clears among them
+        (a clear in flight is published before anything still waiting, so the publish
+        script sees it)."""
+        cleared, queue = self._cleared_at, self._queue
+        if count == len(queue):
+            cleared.clear()
+            return
+        for i in range(count):
+            seq, op = queue[i]
+            if op.kind is Kind.CLEAR:
+                cleared.pop(EVERY_KEY, None)  # at most one waits: a clear supersedes the rest
+            elif op.kind is Kind.REGION:
+                ident = written_ident(op)
+                if cleared.get(ident) == seq:  # not a later clear of the region still waiting
+                    del cleared[ident]
 
     def _take_latest(self, batch: list[Invalidation]) -> None:
         """Put each taken key's latest operation in its place; its value is no longer waiting."""
