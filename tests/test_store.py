@@ -760,3 +760,20 @@ def test_gets_concurrent_with_one_writer_see_only_written_values(clock_kind: str
         sys.setswitchinterval(interval)
     assert wrong == []
     assert len(store) <= 64
+
+
+def test_touch_keeps_a_received_value(clock: FakeClock) -> None:
+    """A value received in an update message is stored as current only as of a confirmation
+    (``stored=-inf``); touch() counted max_age from that -inf, returned True and left the
+    entry expired."""
+    store = networked_store(clock, max_age=100.0)
+    store.confirm(clock() + 1000)
+    store.set("k", "v", stored=-math.inf)
+    assert store.touch("k", ttl=10) is True
+    assert store.get("k", MISSING) == "v"
+    clock.advance(11)
+    assert store.get("k", MISSING) is MISSING  # the new ttl applies
+    store.set("j", "v", stored=-math.inf)
+    assert store.touch("j", ttl=1000) is True
+    clock.advance(150)
+    assert store.get("j", MISSING) is MISSING  # never past max_age from when it came

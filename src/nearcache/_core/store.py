@@ -610,7 +610,9 @@ class L1Store:
         if not (now < entry.expires and self.is_fresh(entry.stored, now)):
             return False
         ttl = self._ttl if ttl is None else ttl
-        limit = entry.stored + self._max_age
+        # A received value (stored -inf: current as of a confirmation) keeps the max_age limit
+        # it was stored with.
+        limit = entry.stored + self._max_age if entry.stored != -math.inf else entry.deadline
         deadline = limit if ttl is None else min(now + ttl, limit)
         expires = min(deadline, now + entry.sliding) if entry.sliding else deadline
         self._table.retime(key, region, expires, deadline)
