@@ -359,3 +359,55 @@ def test_updates_without_l2_never_read_or_fill_l2(fleet: Fleet) -> None:
     assert fleet.run(a.get_or_set("k", lambda: "db")) == "db"
     assert fleet.in_l2("k") is None
     assert (a.stats().l2_hits, a.stats().l2_fills, a.stats().l2_misses) == (0, 0, 0)
+
+
+def commands(admin: Any) -> dict[str, int]:
+    """Calls so far of GET and EVALSHA on the server."""
+    stats = admin.info("commandstats")
+    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("get", "evalsha")}
+
+
+def confirmed_after(cache: Any, moment: float) -> None:
+    """Wait for a heartbeat confirmation sent after ``moment``."""
+    wait_until(lambda: cache._core.sharing.confirmed_at > moment)
+
+
+def test_an_l2_hit_with_known_generations_is_a_plain_get(fleet: Fleet) -> None:
+    """Once a script read taught B the region's generations and a confirmation followed, a
+    hit is a plain GET (no script), current as of that confirmation: its L1 entry says so."""
+    a, b = fleet.make(heartbeat_interval=0.05), fleet.make(heartbeat_interval=0.05)
+    calls: list[Any] = []
+    for key in ("j", "k"):
+        fleet.run(a.get_or_set(key, factory(key.upper(), calls), region="r"))
+    assert fleet.run(b.get_or_set("j", factory("db", calls), region="r")) == "J"  # learns
+    confirmed_after(b, b._clock())
+    before = commands(fleet.admin)
+    started = b._clock()
+    as_of = b._core.sharing.confirmed_at
+    assert fleet.run(b.get_or_set("k", factory("db", calls), region="r")) == "K"
+    after = commands(fleet.admin)
+    assert (after["get"] - before["get"], after["evalsha"] - before["evalsha"]) == (1, 0)
+    assert calls == ["J", "K"] and b.stats().l2_hits == 2
+    entry = b._core.store._table.regions["r"]["k"]
+    assert as_of <= entry.stored < started  # current as of the confirmation, not the read
+
+
+@pytest.mark.parametrize("who", ["other", "self"])
+def test_known_generations_never_hide_a_clear(fleet: Fleet, who: str) -> None:
+    """After a clear of the region (by another instance, or by B itself) has been flushed and
+    reached B, B's next miss never returns a record of the old generation, though that
+    record is still in Redis and B had learned the old generation."""
+    a, b = fleet.make(heartbeat_interval=0.05), fleet.make(heartbeat_interval=0.05)
+    fleet.prime(a, b)
+    calls: list[Any] = []
+    for key in ("j", "k"):
+        fleet.run(a.get_or_set(key, factory("old " + key, calls), region="r"))
+    fleet.run(b.get_or_set("j", factory("db", calls), region="r"))  # B learns
+    confirmed_after(b, b._clock())
+    assert fleet.in_l2("k", "r") is not None
+    clearer = a if who == "other" else b
+    fleet.run(clearer.clear_region("r"))
+    fleet.run(clearer.flush())
+    confirmed_after(b, b._clock())  # the clear's message reached B
+    assert fleet.in_l2("k", "r") is not None  # unreachable, not deleted (O(1) clears)
+    assert fleet.run(b.get_or_set("k", factory("new k", calls), region="r")) == "new k"

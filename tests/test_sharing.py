@@ -14,7 +14,7 @@ from nearcache._core.cache import CacheCore, CacheOptions
 from nearcache._core.codec import Invalidation, Kind, Update, decode, encode
 from nearcache._core.l2 import L2Options
 from nearcache._core.outbox import Outbox
-from nearcache._core.sharing import Fill, Load, Loaded, Read, Release, Sharing, Wait
+from nearcache._core.sharing import Fill, Get, Load, Loaded, Read, Release, Sharing, Wait
 from nearcache._core.store import MISSING
 from tests.clock import FakeClock
 
@@ -488,3 +488,159 @@ def test_a_value_received_before_an_own_clear_comes_back_only_evicts(own: str, s
     c.receive(encode(SENDER, taken.first, [op]))  # the own echo: later values apply again
     c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
     assert c.store.get("k", MISSING, "r") == "later"
+
+
+# -- plain reads: an L2 hit as GET, with the generations known here ---------------------
+
+
+def learned(clock: FakeClock, **options: Any) -> CacheCore:
+    """A core whose sharing learned region r's generations (g, r) from a read-script reply
+    and then heard a confirmation."""
+    c = core(clock, **options)
+    assert c.sharing is not None
+    steps, _ = drive(
+        c.sharing.load_flow("a", "r", "t", plain=True), [result(l2.VALUE, record(1, "a"))]
+    )
+    assert [type(x) for x in steps] == [Read]  # nothing known yet: the script
+    clock.advance(0.1)
+    c.confirmed(clock())
+    return c
+
+
+def plain_steps(
+    c: CacheCore, replies: list[Any], region: str | None = "r"
+) -> tuple[list[Any], Loaded]:
+    assert c.sharing is not None
+    return drive(c.sharing.load_flow("k", region, "t", plain=True), replies)
+
+
+def test_a_hit_with_known_generations_is_one_plain_get_current_as_of_the_confirmation() -> None:
+    """After a script reply taught the generations, a hit is one Get; its value counts as
+    current as of the last confirmation (the Get says so), with the PTTL it had left."""
+    clock = FakeClock()
+    c = learned(clock)
+    confirmed = clock()
+    clock.advance(0.5)
+    steps, loaded = plain_steps(c, [(record(42), 9_500)])
+    assert [type(x) for x in steps] == [Get]
+    assert steps[0].as_of == confirmed
+    assert loaded == Loaded(42, 9.5)
+    assert c.sharing is not None and c.sharing.stats.l2_hits == 2
+
+
+@pytest.mark.parametrize(
+    "found",
+    [None, (None, -2), (b"\x01G\x01r" + record(42)[4:], 100), (record(42, key="other"), 100)],
+    ids=["l2-failed", "no-value", "other-generation", "other-key"],
+)
+def test_a_plain_read_that_finds_no_usable_value_asks_the_script(found: Any) -> None:
+    """Nothing, another generation's record or a record that does not decode: the script
+    decides (lease, stale records, counting), as without plain reads."""
+    clock = FakeClock()
+    c = learned(clock)
+    steps, loaded = plain_steps(c, [found, result(l2.LEASED), "db", True])
+    assert [type(x) for x in steps] == [Get, Read, Load, Fill]
+    assert loaded.value == "db"
+
+
+def unplain(c: CacheCore, region: str | None = "r") -> list[type]:
+    """The steps of one hit: a Get answered with the record, or a Read answered likewise."""
+    assert c.sharing is not None
+    flow = c.sharing.load_flow("k", region, "t", plain=True)
+    steps: list[type] = []
+    step = flow.send(None)
+    while True:
+        steps.append(type(step))
+        reply: Any = (
+            (record(5, region=region), 100)
+            if type(step) is Get
+            else result(l2.VALUE, record(5, region=region))
+        )
+        try:
+            step = flow.send(reply)
+        except StopIteration:
+            return steps
+
+
+def test_generations_are_forgotten_on_every_clear_and_possible_loss() -> None:
+    """A clear received or made here (region or everything), a clear delivered, a lost or
+    new subscription and a sequence gap each send the next hit through the script."""
+    clock = FakeClock()
+    events: list[Any] = [
+        lambda c: c.receive(message(1, Invalidation(Kind.REGION, "other"))),
+        lambda c: c.receive(message(1, Invalidation(Kind.CLEAR))),
+        lambda c: c.local(Invalidation(Kind.REGION, "r")),
+        lambda c: c.local(Invalidation(Kind.CLEAR)),
+        lambda c: c.lost("gone"),
+        lambda c: c.subscribed(clock(), True),
+        lambda c: c.subscribed(clock(), False),
+        lambda c: (c.receive(message(1, Invalidation(Kind.KEY, None, "x"))),
+                   c.receive(message(5, Invalidation(Kind.KEY, None, "y")))),  # a gap
+    ]  # fmt: skip
+    for event in events:
+        c = learned(clock)
+        assert unplain(c) == [Get]
+        event(c)
+        c.confirmed(clock())
+        assert unplain(c) == [Read]  # and the reply teaches them again:
+        assert unplain(c) == [Get]
+
+
+def test_an_own_clear_forgets_the_generations_again_when_delivered() -> None:
+    """A read sent between an own clear and its delivery may learn the old generation: the
+    delivery forgets what was learned meanwhile (flush() returns after it)."""
+    clock = FakeClock()
+    c = learned(clock)
+    c.local(Invalidation(Kind.REGION, "r"))
+    assert unplain(c) == [Read]  # learns, under the new version, what Redis still has
+    assert unplain(c) == [Get]
+    taken = c.take_ops()
+    c.encode_plans(taken)
+    c.batch_sent([b"sent"], taken)
+    assert unplain(c) == [Read]
+
+
+def test_a_reply_sent_before_a_clear_arrived_teaches_nothing() -> None:
+    """A read-script reply sent before a clear was received may carry the old generation:
+    it is not used, whatever order the reply and the clear arrive in."""
+    clock = FakeClock()
+    c = core(clock)
+    assert c.sharing is not None
+    flow = c.sharing.load_flow("k", "r", "t", plain=True)
+    assert type(flow.send(None)) is Read
+    c.receive(message(1, Invalidation(Kind.REGION, "r")))  # arrives while the read travels
+    with pytest.raises(StopIteration):
+        flow.send(result(l2.VALUE, record(1)))
+    c.confirmed(clock())
+    assert unplain(c) == [Read]
+
+
+def test_no_plain_read_without_a_recent_confirmation() -> None:
+    """Generations known as of a confirmation more than max_staleness old could hide a clear
+    that a read starting now must see: the script reads them in Redis instead."""
+    clock = FakeClock()
+    c = learned(clock)
+    clock.advance(CacheOptions().max_staleness - 0.01)
+    assert unplain(c) == [Get]
+    clock.advance(0.02)
+    assert unplain(c) == [Read]
+    c.confirmed(clock())
+    assert unplain(c) == [Get]
+
+
+def test_plain_reads_only_where_the_driver_can() -> None:
+    """plain=False (a driver that cannot GET the value's key): always the script."""
+    clock = FakeClock()
+    c = learned(clock)
+    assert c.sharing is not None
+    steps, _ = drive(c.sharing.load_flow("k", "r", "t"), [result(l2.VALUE, record(5))])
+    assert [type(x) for x in steps] == [Read]
+
+
+def test_regions_learn_their_own_generation() -> None:
+    """Another region's generation is not known from r's: its first hit is the script."""
+    clock = FakeClock()
+    c = learned(clock)
+    assert unplain(c) == [Get]
+    assert unplain(c, region=None) == [Read]
+    assert unplain(c, region=None) == [Get]

@@ -327,6 +327,8 @@ class CacheCore:
         self.apply_latency = LatencyHistogram()
         # Values shared through the L2 and update messages (None: plain invalidations only).
         self.sharing = sharing
+        if sharing is not None:
+            sharing.max_staleness = options.max_staleness if networked else math.inf
         # Own writes whose message has not come back on the subscription yet, by the first
         # sequence number of their batch: a received value never replaces them (it may have
         # been published before them, and their own echo is skipped), it only evicts.
@@ -438,8 +440,14 @@ class CacheCore:
             self.store.remove(op.key, op.region)
         elif op.kind is Kind.REGION:
             self.store.clear_region(op.region)
+            self._generations_changed()
         else:
             self.store.clear()
+            self._generations_changed()
+
+    def _generations_changed(self) -> None:
+        if self.sharing is not None:
+            self.sharing.generations_changed()
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -546,6 +554,8 @@ class CacheCore:
         """The batch in flight was acknowledged by Redis."""
         self.stats.messages_sent += len(payloads)
         self.stats.invalidations_sent += self.outbox.in_flight
+        if self.sharing is not None:
+            self.sharing.delivered()  # before flush() can return
         self.outbox.commit()
         self.publishing.succeeded()
         if taken is not None and taken.farewell:
@@ -613,6 +623,7 @@ class CacheCore:
             # A message of this sender never reached us while the subscription stayed up:
             # whatever it invalidated may be held here. Drop L1 (locally only).
             self.stats.sequence_gaps += 1
+            self._generations_changed()
             self.store.repair()
         store = self.store
         remove, key_kind, sharing = store.remove, Kind.KEY, self.sharing
@@ -708,7 +719,10 @@ class CacheCore:
         so L1 is whole and current as of ``as_of``; otherwise messages may have been lost and
         L1 is dropped (locally: a repair is never broadcast)."""
         self.stats.resubscriptions += 1
+        self._generations_changed()  # before the confirmation: see Sharing.generations_changed
         self._confirmed_at = max(self._confirmed_at, as_of)
+        if self.sharing is not None:
+            self.sharing.confirmed(as_of)
         if complete:
             self.stats.replays += 1
             self.store.confirm(as_of)
@@ -721,6 +735,7 @@ class CacheCore:
         """Messages may have been lost on a live subscription: drop L1 locally."""
         self.stats.losses += 1
         self.last_error = reason
+        self._generations_changed()
         self._reset_senders()  # the repair covers whatever gap the next messages show
         self._forget_echoes()
         self.store.repair()
@@ -728,6 +743,8 @@ class CacheCore:
     def confirmed(self, as_of: float) -> None:
         """Everything published before ``as_of`` has been applied here."""
         self.store.confirm(as_of)
+        if self.sharing is not None:
+            self.sharing.confirmed(as_of)
         if as_of > self._confirmed_at:
             self._confirmed_at = as_of
             now = self.clock()

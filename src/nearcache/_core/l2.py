@@ -81,6 +81,7 @@ __all__ = [
     "publish_call",
     "read_call",
     "region_field",
+    "tagged",
     "value_keys",
 ]
 
@@ -291,6 +292,18 @@ def split_record(record: bytes) -> tuple[bytes, bytes, bytes]:
     if len(rgen) != m:
         raise MessageError("truncated L2 record")
     return bytes(gen), bytes(rgen), bytes(record[2 + n + m :])
+
+
+def tagged(record: bytes, gen: bytes, rgen: bytes) -> bool:
+    """Whether a record carries exactly these generation tags (what the read script checks
+    against the current generations in Redis)."""
+    n = len(gen)
+    return (
+        record[:1] == bytes((n,))
+        and record[1 : 1 + n] == gen
+        and record[1 + n : 2 + n] == bytes((len(rgen),))
+        and record[2 + n : 2 + n + len(rgen)] == rgen
+    )
 
 
 def decode_record(

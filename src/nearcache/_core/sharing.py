@@ -11,7 +11,9 @@
 - what a received ``Update`` does to L1;
 - the read path after an L1 miss, as a generator of I/O steps (:func:`Sharing.load_flow`)
   that the threaded and the asyncio drivers run, each with its own I/O: L2 read, lease, wait,
-  factory, fill.
+  factory, fill;
+- the generation tokens known here (:meth:`Sharing.generations_changed`), which let an L2 hit
+  be a plain ``GET`` instead of the read script (see :class:`Get`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from nearcache._exceptions import ConfigurationError, SerializationError
 __all__ = [
     "Breaker",
     "Fill",
+    "Get",
     "L2Stats",
     "Load",
     "Loaded",
@@ -102,6 +105,19 @@ class Breaker:
 # -- the read path, as steps the drivers carry out ---------------------------------------
 
 
+class Get(NamedTuple):
+    """Read the key's record and its time to live with plain commands (``GET``, ``PTTL``, no
+    script); send back ``(record or None, pttl in ms)``, or None if L2 failed or is skipped.
+
+    Before sending, the driver lowers the load's reservation (its ``started``) to ``as_of``:
+    the generations this read relies on are known current only as of the last confirmation
+    (see :meth:`Sharing.generations_changed`), so a value read this way is current as of
+    ``min(read start, as_of)``, and its L1 entry (and whoever joins the load) must say so.
+    """
+
+    as_of: float
+
+
 class Read(NamedTuple):
     """Run the read script; send back a ReadResult, or None if L2 failed or is skipped."""
 
@@ -134,6 +150,9 @@ class Release(NamedTuple):
     token: str
 
 
+_NO_VALUE = object()
+
+
 class Loaded(NamedTuple):
     """The outcome of a load: the value and, for a value found in L2, how long it has left
     there (its L1 entry lives no longer)."""
@@ -142,7 +161,11 @@ class Loaded(NamedTuple):
     ttl_left: float | None = None
 
 
-Step = Read | Wait | Load | Fill | Release
+Step = Get | Read | Wait | Load | Fill | Release
+
+# Regions whose generation token is remembered; past it the memory starts over (a region
+# forgotten only costs its next miss the read script).
+_MAX_REGIONS = 4096
 
 
 class Sharing:
@@ -172,6 +195,62 @@ class Sharing:
             options.update_max_bytes if self.update else 0,
         )
         self.stats = L2Stats()
+        # The generation tokens learned from read-script replies, each with the version of
+        # the generations it was learned under (see generations_changed); a token counts only
+        # while its version is the current one.
+        self.max_staleness = math.inf  # set by the cache core
+        self.confirmed_at = -math.inf  # as_of of the latest confirmation (set by the core)
+        self._version = 0
+        self._gen: tuple[int, bytes] | None = None
+        self._rgens: dict[Region, tuple[int, bytes]] = {}
+        self._clearing = False  # the batch being published clears a region or everything
+
+    # -- the generations known here ---------------------------------------------------------
+
+    def generations_changed(self) -> None:
+        """Forget the generation tokens learned so far: a clear of a region or of everything
+        was received, made here or delivered, or messages may have been missed (a new
+        subscription, a loss, a gap). The caller holds the cache's lock.
+
+        Why a token may then be trusted as of the latest confirmation ``c``: it was learned
+        from a read-script reply sent under the current version, so every clear applied
+        before the send is in it; a clear published after the read ran but before ``c`` was
+        received before ``c`` was confirmed, and changed the version. The core calls this
+        *before* it raises ``confirmed_at`` (and readers read ``confirmed_at`` first), so a
+        reader that sees a confirmation also sees every version change that preceded it.
+        """
+        self._version += 1
+
+    def confirmed(self, as_of: float) -> None:
+        """The core's latest confirmation (everything published before ``as_of`` is applied)."""
+        self.confirmed_at = max(self.confirmed_at, as_of)
+
+    def delivered(self) -> None:
+        """The batch in flight was acknowledged: if it cleared a region or everything, the
+        generations changed in Redis now (a read sent before may have learned the old ones)."""
+        if self._clearing:
+            self._clearing = False
+            self.generations_changed()
+
+    def _plain_tags(self, region: Region) -> tuple[float, bytes, bytes] | None:
+        """``(as_of, gen, rgen)`` if the generations of ``region`` are known current as of
+        a confirmation recent enough for the staleness bound, else None."""
+        as_of = self.confirmed_at  # first: see generations_changed
+        version = self._version
+        gen, rgen = self._gen, self._rgens.get(region)
+        if gen is None or rgen is None or gen[0] != version or rgen[0] != version:
+            return None
+        # A read must return a value current as of more than max_staleness before it starts.
+        if not self._clock() < as_of + self.max_staleness:
+            return None
+        return as_of, gen[1], rgen[1]
+
+    def _learn(self, version: int, region: Region, got: ReadResult) -> None:
+        """Remember the generations a read-script reply carried (sent under ``version``)."""
+        if len(self._rgens) >= _MAX_REGIONS:
+            self._rgens.clear()
+        self._gen = (version, got.gen)
+        self._rgens[region] = (version, got.rgen)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -258,8 +337,10 @@ class Sharing:
                         operations.append(DeleteValue(op.region, op.key))
                 elif kind is Kind.REGION:
                     operations.append(ClearRegion(op.region))
+                    self._clearing = True
                 else:
                     operations.append(ClearAll())
+                    self._clearing = True
             sequence = first + i
             message = encode(sender, sequence, sent, signing_key=signing)
             alternative = encode(sender, sequence, plain, signing_key=signing) if carries else b""
@@ -303,17 +384,39 @@ class Sharing:
     # -- the read path --------------------------------------------------------------------
 
     def load_flow(
-        self, key: Key, region: Region, token: str, ttl: float | None = None
+        self,
+        key: Key,
+        region: Region,
+        token: str,
+        ttl: float | None = None,
+        *,
+        plain: bool = False,
     ) -> Generator[Step, Any, Loaded]:
         """The read path after an L1 miss (and the local flight), as I/O steps.
 
-        L2 first (one round trip, taking the lease on a miss); with the lease, the factory and
-        the fill; without it, polls of L2 until the holder's fill appears, the lease is free
-        (the holder failed or died: take it) or ``l2_lease_wait`` ran out (load without it).
-        L2 unusable or failing: the factory alone.
+        With ``plain`` (the driver can read the value's key with plain commands) and the
+        region's generations known here, a plain ``GET`` first: a record tagged with them is a
+        hit. Otherwise, and after a plain read that found nothing or another generation, the
+        read script (one round trip, taking the lease on a miss); with the lease, the factory
+        and the fill; without it, polls of L2 until the holder's fill appears, the lease is
+        free (the holder failed or died: take it) or ``l2_lease_wait`` ran out (load without
+        it). L2 unusable or failing: the factory alone.
         """
         stats = self.stats
+        tags = self._plain_tags(region) if plain else None
+        if tags is not None:
+            as_of, gen, rgen = tags
+            found = yield Get(as_of)
+            if found is not None and found[0] is not None:
+                value = self._plain_value(found[0], region, key, gen, rgen)
+                if value is not _NO_VALUE:
+                    stats.l2_hits += 1
+                    pttl = found[1]
+                    return Loaded(value, pttl / 1000 if pttl > 0 else None)
+        version = self._version
         got: ReadResult | None = yield Read(token)
+        if got is not None:
+            self._learn(version, region, got)
         wait: LeaseWait | None = None
         while True:
             if got is None:  # L2 down or skipped
@@ -342,6 +445,20 @@ class Sharing:
                 stats.loads += 1  # the holder is slow or gone: load without the lease
                 return Loaded((yield Load()))
             got = yield Read(token)
+
+    def _plain_value(
+        self, record: bytes, region: Region, key: Key, gen: bytes, rgen: bytes
+    ) -> object:
+        """The value of a record read with ``GET`` if it carries these generation tags and
+        decodes, else _NO_VALUE (the read script then decides: it drops records of an older
+        generation, and counts a corrupt one)."""
+        if not l2.tagged(record, gen, rgen):
+            return _NO_VALUE
+        try:
+            data = l2.decode_record(record, region, key, self.serializer.id, self._secrets)
+            return self.serializer.loads(data)
+        except Exception:  # MessageError, or whatever the serializer raises
+            return _NO_VALUE
 
     def _load_and_fill(
         self, key: Key, region: Region, token: str, got: ReadResult, ttl: float | None

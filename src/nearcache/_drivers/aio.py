@@ -32,7 +32,7 @@ from nearcache._core.cache import (
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
 from nearcache._core.sharing import new_sharing
-from nearcache._core.store import MISSING
+from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
     CacheCommon,
     CacheState,
@@ -334,7 +334,7 @@ class AsyncNearCache(CacheCommon):
         )
         try:
             if from_l2:
-                result, ttl = await self._l2_load(key, region, factory, ttl)
+                result, ttl = await self._l2_load(key, region, factory, ttl, flight.reservation)
             else:
                 result = factory()
                 if inspect.isawaitable(result):
@@ -590,6 +590,7 @@ class AsyncNearCache(CacheCommon):
         region: str | None,
         factory: Callable[[], Awaitable[T] | T],
         ttl: float | None,
+        reservation: Reservation,
     ) -> tuple[Any, float | None]:
         """The read path after a miss (see :meth:`NearCache._l2_load`)."""
         assert self._l2 is not None
@@ -599,6 +600,7 @@ class AsyncNearCache(CacheCommon):
             factory,
             ttl,
             lambda: self._state is CacheState.OPEN,
+            reservation,
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)

@@ -25,7 +25,7 @@ from nearcache._core.cache import (
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
 from nearcache._core.sharing import new_sharing
-from nearcache._core.store import MISSING
+from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
     CLOSED,
     CacheCommon,
@@ -360,7 +360,7 @@ class NearCache(CacheCommon):
             return outcome.value  # type: ignore[return-value]
         try:
             if from_l2:
-                value, ttl = self._l2_load(key, region, factory, ttl)
+                value, ttl = self._l2_load(key, region, factory, ttl, flight.reservation)
             else:
                 value = factory()
         except BaseException as exc:
@@ -635,7 +635,12 @@ class NearCache(CacheCommon):
     # -- values shared through the L2 and update messages (l2=True, propagate="update") ----
 
     def _l2_load(
-        self, key: Hashable, region: str | None, factory: Callable[[], T], ttl: float | None
+        self,
+        key: Hashable,
+        region: str | None,
+        factory: Callable[[], T],
+        ttl: float | None,
+        reservation: Reservation,
     ) -> tuple[T, float | None]:
         """The read path after a miss: L2, lease, factory, fill. A value from L2 lives in L1
         no longer than it had left in L2."""
@@ -646,6 +651,7 @@ class NearCache(CacheCommon):
             factory,
             ttl,
             lambda: self._state is CacheState.OPEN,
+            reservation,
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)

@@ -18,7 +18,17 @@ from nearcache._config import RedisSettings
 from nearcache._core import l2
 from nearcache._core.codec import Key, Region
 from nearcache._core.log import new_epoch
-from nearcache._core.sharing import Breaker, Fill, Load, Loaded, Read, Release, Sharing, Wait
+from nearcache._core.sharing import (
+    Breaker,
+    Fill,
+    Get,
+    Load,
+    Loaded,
+    Read,
+    Release,
+    Sharing,
+    Wait,
+)
 from nearcache._exceptions import MessageError
 from nearcache._l2.redis import l2_client_kwargs
 from nearcache._typing import Clock
@@ -74,9 +84,13 @@ class AsyncRedisL2:
         factory: Callable[[], Any],
         ttl: float | None,
         is_open: Callable[[], bool],
+        reservation: Any = None,
     ) -> Loaded:
-        """Run the read path for one missed key: L2, lease, wait, factory, fill."""
-        flow = self._sharing.load_flow(key, region, l2.new_token(), ttl)
+        """Run the read path for one missed key: L2, lease, wait, factory, fill (see
+        :meth:`nearcache._l2.redis.RedisL2.load`)."""
+        flow = self._sharing.load_flow(
+            key, region, l2.new_token(), ttl, plain=reservation is not None
+        )
         send: Any = None
         error: BaseException | None = None
         while True:
@@ -86,7 +100,10 @@ class AsyncRedisL2:
                 return stop.value  # type: ignore[no-any-return]
             error = None
             send = None
-            if type(step) is Read:
+            if type(step) is Get:
+                reservation.started = min(reservation.started, step.as_of)
+                send = await self._get(key, region)
+            elif type(step) is Read:
                 send = await self._read(key, region, step.token)
             elif type(step) is Load:
                 try:
@@ -105,6 +122,27 @@ class AsyncRedisL2:
                 # Shielded: a cancelled load still frees the lease for the next process.
                 lease = l2.value_keys(self._channel, region, key)[1]
                 await asyncio.shield(self._run(self._release_script, [lease], [step.token]))
+
+    async def _get(self, key: Key, region: Region) -> tuple[bytes | None, int] | None:
+        """GET and PTTL in one pipelined round trip (no script: see Sharing.load_flow)."""
+        if self._closed or not self._usable() or not self._breaker.available(self._clock()):
+            return None
+        name = l2.value_keys(self._channel, region, key)[0]
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(name)
+                pipe.pttl(name)
+                record, pttl = await asyncio.wait_for(pipe.execute(), self._timeout)
+            if not (record is None or isinstance(record, bytes)) or type(pttl) is not int:
+                raise redis.ResponseError(f"unexpected reply to GET/PTTL: {record!r}, {pttl!r}")
+        except _ERRORS:
+            self._failed()
+            return None
+        finally:
+            if self._closed:  # closed while it ran: close what it may have reopened
+                abort_connections(self._client)
+        self._breaker.succeeded()
+        return record, pttl
 
     async def _read(self, key: Key, region: Region, token: str) -> l2.ReadResult | None:
         if not self._usable() or not self._breaker.available(self._clock()):
