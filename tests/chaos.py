@@ -8,8 +8,8 @@ Instances alternate between ``NearCache`` and ``AsyncNearCache`` (``--drivers``)
 asyncio instance ``--tasks`` tasks share the load on one event loop.
 Each instance process reads keys through ``get_or_set`` from a source of truth (a
 second Redis, never faulted, holding a version number per key) and sometimes writes: it bumps
-the version in the source, then invalidates (remove, clear_region or clear) and calls
-``flush()``. Every instance reaches the backplane Redis through its own TCP proxy, so faults
+the version in the source, then invalidates (remove, clear_region or clear), sometimes reads
+the key back at once, and calls ``flush()``. Every instance reaches the backplane Redis through its own TCP proxy, so faults
 can hit one instance or all: connection resets, silent stalls, added latency, the backplane
 Redis killed with -9 and restarted (with and without its data), FLUSHALL, Redis dropping every
 subscriber, and an instance process frozen with SIGSTOP.
@@ -83,8 +83,13 @@ class Load:
         self.weights = [1 / (i + 1) for i in range(args.keys)]  # Zipf, s = 1
         self.reads: list[tuple[float, str, int, bool]] = []
         self.writes: list[tuple[str, str, int, float]] = []  # kind, key, version, flushed
+        # Writes accepted by the cache, in order; the first `covered` are in `writes`. A
+        # flush() covers every write accepted before it was called, so a write whose own
+        # flush timed out is still checked, from the first later flush that returned.
+        self.accepted: list[tuple[str, str, int]] = []
+        self.covered = 0
         self.samples: list[tuple[float, int, int]] = []  # time, hits, misses (this process)
-        self.hits = self.misses = self.unflushed = 0
+        self.hits = self.misses = 0
         self.end = time.monotonic() + args.duration
         self._next_sample = 0.0
 
@@ -110,14 +115,28 @@ class Load:
                 return key, region, "write"
         return key, region, "remove" if roll < 0.9 else "clear_region" if roll < 0.995 else "clear"
 
+    def read_back(self) -> bool:
+        """Whether a write is followed by a read of its key before flush(): the writer's own
+        read while its write is not yet published (a window the rest of the load rarely hits)."""
+        return self.rng.random() < 0.25
+
     def read(self, start: float, key: str, value: object, hit: bool) -> None:
         self.reads.append((start, key, int(value), hit))  # type: ignore[arg-type]
         self.hits += hit
         self.misses += not hit
 
-    def written(self, kind: str, key: str, version: int) -> None:
-        """``flush()`` returned for this write just now."""
-        self.writes.append((kind, key, version, time.monotonic()))
+    def flushing(self, kind: str, key: str, version: int) -> int:
+        """The cache accepted this write, and flush() is called now: what it will cover."""
+        self.accepted.append((kind, key, version))
+        return len(self.accepted)
+
+    def flushed(self, upto: int) -> None:
+        """``flush()`` returned just now: every write accepted before it was called is
+        delivered."""
+        now = time.monotonic()
+        for kind, key, version in self.accepted[self.covered : upto]:
+            self.writes.append((kind, key, version, now))
+        self.covered = max(self.covered, upto)
 
     def save(self, stats: Any, close_seconds: float) -> None:
         """Write the instance's results for the conductor."""
@@ -127,7 +146,7 @@ class Load:
             "reads": self.reads,
             "writes": self.writes,
             "samples": self.samples,
-            "unflushed": self.unflushed,
+            "unflushed": len(self.accepted) - self.covered,
             "stats": dataclasses.asdict(stats),
             "state_at_end": stats.backplane,
             "close_seconds": close_seconds,
@@ -171,11 +190,21 @@ def worker(args: argparse.Namespace) -> None:
                 cache.clear_region(region)
             else:
                 cache.clear()
+            if load.read_back():
+                start = time.monotonic()
+                value = cache.get(key, MISSING, region)
+                hit = value is not MISSING
+                if not hit:
+                    value = cache.get_or_set(
+                        key, lambda k=key: int(source.get(k) or 0), region=region
+                    )
+                load.read(start, key, value, hit)
+            upto = load.flushing(write, key, version)
             try:
                 cache.flush(timeout=args.max_staleness)
-                load.written(write, key, version)
+                load.flushed(upto)
             except FlushTimeoutError:
-                load.unflushed += 1  # not acknowledged: no promise was made for this write
+                pass  # not acknowledged: no promise made yet (a later flush() makes it)
         else:
             start = time.monotonic()
             value = cache.get(key, MISSING, region)
@@ -242,11 +271,21 @@ def async_worker(args: argparse.Namespace) -> None:
                         await cache.clear_region(region)
                     else:
                         await cache.clear()
+                    upto = load.flushing(write, key, version)
+                    if load.read_back():
+                        start = time.monotonic()
+                        value = await cache.get(key, MISSING, region)
+                        hit = value is not MISSING
+                        if not hit:
+                            value = await cache.get_or_set(
+                                key, lambda k=key: from_source(k), region=region
+                            )
+                        load.read(start, key, value, hit)
                     try:
                         await cache.flush(timeout=args.max_staleness)
-                        load.written(write, key, version)
+                        load.flushed(upto)
                     except FlushTimeoutError:
-                        load.unflushed += 1
+                        pass  # a later flush() makes the promise
                 else:
                     start = time.monotonic()
                     value = await cache.get(key, MISSING, region)
