@@ -9,10 +9,10 @@ asyncio instance ``--tasks`` tasks share the load on one event loop.
 Each instance process reads keys through ``get_or_set`` from a source of truth (a
 second Redis, never faulted, holding a version number per key) and sometimes writes: it bumps
 the version in the source, then invalidates (remove, clear_region or clear), sometimes reads
-the key back at once, and calls ``flush()``. Every instance reaches the backplane Redis through its own TCP proxy, so faults
-can hit one instance or all: connection resets, silent stalls, added latency, the backplane
-Redis killed with -9 and restarted (with and without its data), FLUSHALL, Redis dropping every
-subscriber, and an instance process frozen with SIGSTOP.
+the key back at once, and calls ``flush()``. Every instance reaches the backplane Redis
+through its own TCP proxy, so faults can hit one instance or all: connection resets, silent
+stalls, added latency, the backplane Redis killed with -9 and restarted (with and without its
+data), FLUSHALL, Redis dropping every subscriber, and an instance process frozen with SIGSTOP.
 
 A read is *stale* if it returned a version older than a write whose ``flush()`` returned more
 than ``max_staleness`` before the read started. The run prints operations, faults by kind,
