@@ -644,3 +644,54 @@ def test_regions_learn_their_own_generation() -> None:
     assert unplain(c) == [Get]
     assert unplain(c, region=None) == [Read]
     assert unplain(c, region=None) == [Get]
+
+
+def test_an_echo_under_a_former_id_ends_the_wait() -> None:
+    """An own write whose echo came back only after this instance said farewell and took a
+    new id (its subscriber was away for a minute while publishing worked) still counts as
+    come back: it no longer makes received values of its key only evict. (It did until the
+    new id's sequence numbers caught up with the old one's.)"""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    for i in range(5):  # the old id's sequence numbers run ahead of the new one's
+        c.local(Invalidation(Kind.KEY, None, f"z{i}"))
+        c.take_ops()
+        c.batch_sent([b"sent"])
+    data = SafeSerializer().dumps("mine")
+    c.set("k", "mine", "r", None, None, data, None)
+    taken = c.take_ops()
+    c.batch_sent([b"sent"])
+    old_id = taken.sender
+    clock.advance(61)
+    farewell = c.take_ops()
+    assert farewell.farewell
+    c.batch_sent([b""], farewell)
+    assert c.instance_id != old_id
+    c.confirmed(clock())
+    c.receive(encode(old_id, taken.first, [Invalidation(Kind.KEY, "r", "k")]))  # the echo
+    c.receive(message(2, Update("r", "k", SafeSerializer().dumps("later"))))
+    assert c.store.get("k", MISSING, "r") == "later"
+
+
+def test_own_writes_awaiting_their_echo_are_bounded() -> None:
+    """While the subscription is away and publishing works, the own writes awaiting their
+    echo collapse past a bound into one that covers every key (received values only evict
+    until the latest echo is back) instead of growing without limit."""
+    from nearcache._core.cache import UNECHOED_MAX
+
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    last = None
+    for i in range(UNECHOED_MAX + 10):
+        c.local(Invalidation(Kind.KEY, "r", f"z{i}"))
+        last = c.take_ops()
+        c.batch_sent([b"sent"])
+    assert len(c._unechoed) <= UNECHOED_MAX
+    c.receive(message(2, Update("r", "k", SafeSerializer().dumps("theirs"))))
+    assert c.store.get("k", MISSING, "r") is MISSING  # any key: only evicts
+    assert last is not None
+    c.receive(encode(last.sender, last.first, [Invalidation(Kind.KEY, "r", "z")]))
+    c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
+    assert c.store.get("k", MISSING, "r") == "later"

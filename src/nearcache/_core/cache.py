@@ -30,6 +30,7 @@ __all__ = [
     "PLAIN_KEY_TYPES",
     "SENDER_IDLE",
     "SENDER_MEMORY",
+    "UNECHOED_MAX",
     "BackplaneStats",
     "Batch",
     "CacheCore",
@@ -53,6 +54,10 @@ BATCH_MAX_OPS = 8192  # operations taken per publish round trip (pipelined messa
 # sequence numbers", for why this neither hides a gap nor causes a needless repair.
 SENDER_IDLE = 60.0
 SENDER_MEMORY = 600.0
+
+# Own batches awaiting their echo (only while the subscription lags or is away): past this many
+# they collapse into one that covers every key, until the latest one comes back.
+UNECHOED_MAX = 4096
 
 MAX_INT_KEY_BITS = 13_000  # at most 3,914 decimal digits: well inside the wire format's 4,000
 
@@ -311,6 +316,7 @@ class CacheCore:
         self._batch_first_sequence = 0
         self._last_taken = -math.inf  # when the latest batch under this id was taken
         self._former_ids: tuple[bytes, ...] = ()  # ids this instance said farewell to
+        self._id_generation = 0  # how many ids this instance said farewell to
         # Sender id -> (highest sequence seen, when last heard), for every sender heard since
         # the table was last reset (``_senders_since``), minus the forgotten ones.
         self._senders: dict[bytes, tuple[int, float]] = {}
@@ -332,7 +338,9 @@ class CacheCore:
         # Own writes whose message has not come back on the subscription yet, by the first
         # sequence number of their batch: a received value never replaces them (it may have
         # been published before them, and their own echo is skipped), it only evicts.
-        self._unechoed: deque[tuple[int, list[tuple[str | None, Hashable]]]] = deque()
+        # (Positions are (id generation, sequence): an id's echo ends the wait of every batch
+        # published before it, under that id or a former one.)
+        self._unechoed: deque[tuple[tuple[int, int], list[tuple[str | None, Hashable]]]] = deque()
         self._unechoed_keys: dict[tuple[str | None, Hashable], int] = {}
         # A received value never replaces an own write still waiting, in flight or unechoed
         # (update messages), and an L2 read never runs while one waits or is in flight (L2
@@ -494,17 +502,32 @@ class CacheCore:
         idents: list[tuple[str | None, Hashable]] = [
             written_ident(op) for chunk in chunks for op in chunk
         ]
-        if idents:
-            self._unechoed.append((first, idents))
-            counts = self._unechoed_keys
-            for ident in idents:
-                counts[ident] = counts.get(ident, 0) + 1
-
-    def _echoed(self, sequence: int) -> None:
-        """This instance's own message ``sequence`` came back: its batch (a script call puts
-        a batch on the channel contiguously) and every earlier one are past."""
+        if not idents:
+            return
         unechoed, counts = self._unechoed, self._unechoed_keys
-        while unechoed and unechoed[0][0] <= sequence:
+        if len(unechoed) >= UNECHOED_MAX:
+            # The subscription lags far behind (or is away): one wait, for every key, until
+            # this batch comes back (received values only evict meanwhile).
+            unechoed.clear()
+            counts.clear()
+            idents = [EVERY_KEY]
+        unechoed.append(((self._id_generation, first), idents))
+        for ident in idents:
+            counts[ident] = counts.get(ident, 0) + 1
+
+    def _echoed(self, sender: bytes, sequence: int) -> None:
+        """This instance's own message ``sequence`` (under ``sender``, its id or a former
+        one) came back: its batch (a script call puts a batch on the channel contiguously)
+        and every one published before it are past."""
+        if sender == self.instance_id:
+            generation = self._id_generation
+        elif sender in self._former_ids:
+            generation = self._id_generation - 1 - self._former_ids.index(sender)
+        else:
+            return
+        position = (generation, sequence)
+        unechoed, counts = self._unechoed, self._unechoed_keys
+        while unechoed and unechoed[0][0] <= position:
             for ident in unechoed.popleft()[1]:
                 left = counts[ident] - 1
                 if left:
@@ -562,6 +585,7 @@ class CacheCore:
             # Its echo may still be on its way: it must still count as this instance's own.
             self._former_ids = (self.instance_id, *self._former_ids[:3])
             self.instance_id = os.urandom(16)
+            self._id_generation += 1
             self._sequence = 0
 
     def publish_failed(self, exc: BaseException) -> float | None:
@@ -597,7 +621,7 @@ class CacheCore:
             # Redis echoes our own messages: drop them before decoding every operation.
             self.stats.own_messages += 1
             if self._unechoed:
-                self._echoed(int.from_bytes(payload[20:28], "big"))
+                self._echoed(self.instance_id, int.from_bytes(payload[20:28], "big"))
             return True
         try:
             message = decode(payload, self.options.secrets or None)
@@ -607,8 +631,8 @@ class CacheCore:
             return False
         if message.sender == self.instance_id or message.sender in self._former_ids:
             self.stats.own_messages += 1
-            if self._unechoed and message.sender == self.instance_id:
-                self._echoed(message.sequence)
+            if self._unechoed:
+                self._echoed(message.sender, message.sequence)
             return True
         self.stats.messages_received += 1
         sender, sequence = message.sender, message.sequence
