@@ -695,3 +695,46 @@ def test_own_writes_awaiting_their_echo_are_bounded() -> None:
     c.receive(encode(last.sender, last.first, [Invalidation(Kind.KEY, "r", "z")]))
     c.receive(message(3, Update("r", "k", SafeSerializer().dumps("later"))))
     assert c.store.get("k", MISSING, "r") == "later"
+
+
+@pytest.mark.parametrize("drop", ["new subscription", "loss"])
+def test_dropping_l1_keeps_waiting_for_own_writes_still_to_come_back(drop: str) -> None:
+    """An own write published after the new subscription was made (or on a live one that
+    found a loss) comes back on it later; until then a received value of its key, published
+    before it, must only evict. Dropping L1 forgot the wait, and the sender's second message
+    after the drop (trusted again) left its older value here for good."""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    data = SafeSerializer().dumps("mine")
+    c.set("k", "mine", "r", None, None, data, None)
+    taken = c.take_ops()
+    subscribed_at = clock()
+    clock.advance(0.01)
+    c.batch_sent([b"sent"])  # published after the new SUBSCRIBE was sent
+    if drop == "new subscription":
+        c.subscribed(subscribed_at, complete=False)
+    else:
+        c.lost("reconciliation")
+    c.receive(message(2, Invalidation(Kind.KEY, None, "y")))  # its first since the drop
+    c.receive(message(3, Update("r", "k", SafeSerializer().dumps("theirs"))))
+    assert c.store.get("k", MISSING, "r") is MISSING
+    c.receive(encode(SENDER, taken.first, [Invalidation(Kind.KEY, "r", "k")]))  # the echo
+    c.receive(message(4, Update("r", "k", SafeSerializer().dumps("later"))))
+    assert c.store.get("k", MISSING, "r") == "later"
+
+
+def test_a_new_subscription_forgets_own_writes_published_before_it() -> None:
+    """An own write acknowledged before the new subscription was made never comes back on
+    it (it was missed, and L1 was dropped): its key is not waited for."""
+    clock = FakeClock()
+    c = core(clock)
+    c.receive(message(1, Invalidation(Kind.KEY, None, "x")))
+    c.set("k", "mine", "r", None, None, SafeSerializer().dumps("mine"), None)
+    c.take_ops()
+    c.batch_sent([b"sent"])
+    clock.advance(0.01)
+    c.subscribed(clock(), complete=False)
+    c.receive(message(2, Invalidation(Kind.KEY, None, "y")))
+    c.receive(message(3, Update("r", "k", SafeSerializer().dumps("theirs"))))
+    assert c.store.get("k", MISSING, "r") == "theirs"

@@ -282,6 +282,21 @@ class Batch(NamedTuple):
     farewell: bool = False
 
 
+class _Unechoed:
+    """An own batch whose message has not come back on the subscription yet: its position
+    (id generation, first sequence), the keys it wrote (outbox.written_ident) and when Redis
+    acknowledged it (None: not yet)."""
+
+    __slots__ = ("acknowledged", "idents", "position")
+
+    def __init__(
+        self, position: tuple[int, int], idents: list[tuple[str | None, Hashable]]
+    ) -> None:
+        self.position = position
+        self.idents = idents
+        self.acknowledged: float | None = None
+
+
 class CacheCore:
     """Store + outbox + receive bookkeeping. Callers serialize every method but reads."""
 
@@ -340,7 +355,7 @@ class CacheCore:
         # been published before them, and their own echo is skipped), it only evicts.
         # (Positions are (id generation, sequence): an id's echo ends the wait of every batch
         # published before it, under that id or a former one.)
-        self._unechoed: deque[tuple[tuple[int, int], list[tuple[str | None, Hashable]]]] = deque()
+        self._unechoed: deque[_Unechoed] = deque()
         self._unechoed_keys: dict[tuple[str | None, Hashable], int] = {}
         # A received value never replaces an own write still waiting, in flight or unechoed
         # (update messages), and an L2 read never runs while one waits or is in flight (L2
@@ -511,7 +526,7 @@ class CacheCore:
             unechoed.clear()
             counts.clear()
             idents = [EVERY_KEY]
-        unechoed.append(((self._id_generation, first), idents))
+        unechoed.append(_Unechoed((self._id_generation, first), idents))
         for ident in idents:
             counts[ident] = counts.get(ident, 0) + 1
 
@@ -526,19 +541,30 @@ class CacheCore:
         else:
             return
         position = (generation, sequence)
-        unechoed, counts = self._unechoed, self._unechoed_keys
-        while unechoed and unechoed[0][0] <= position:
-            for ident in unechoed.popleft()[1]:
-                left = counts[ident] - 1
-                if left:
-                    counts[ident] = left
-                else:
-                    del counts[ident]
+        unechoed = self._unechoed
+        while unechoed and unechoed[0].position <= position:
+            self._uncount(unechoed.popleft())
 
-    def _forget_echoes(self) -> None:
-        """L1 was dropped: nothing an own write left behind matters any more."""
-        self._unechoed.clear()
-        self._unechoed_keys.clear()
+    def _uncount(self, entry: _Unechoed) -> None:
+        counts = self._unechoed_keys
+        for ident in entry.idents:
+            left = counts[ident] - 1
+            if left:
+                counts[ident] = left
+            else:
+                del counts[ident]
+
+    def _forget_echoes(self, before: float) -> None:
+        """A new subscription, made at ``before``, dropped L1: own writes acknowledged
+        before then never come back on it (and what they replaced is gone), but the others
+        are still to come, after values published before them."""
+        kept: deque[_Unechoed] = deque()
+        for entry in self._unechoed:
+            if entry.acknowledged is not None and entry.acknowledged < before:
+                self._uncount(entry)
+            else:
+                kept.append(entry)
+        self._unechoed = kept
 
     def encode_batch(self, taken: Batch) -> list[bytes]:
         """Encode what :meth:`take_ops` took (reads only immutable state: no lock needed)."""
@@ -581,6 +607,12 @@ class CacheCore:
             self.sharing.delivered()  # before flush() can return
         self.outbox.commit()
         self.publishing.succeeded()
+        if self._unechoed:
+            now = self.clock()
+            for entry in reversed(self._unechoed):  # the batch's own (a dropped one's too)
+                if entry.acknowledged is not None:
+                    break
+                entry.acknowledged = now
         if taken is not None and taken.farewell:
             # Its echo may still be on its way: it must still count as this instance's own.
             self._former_ids = (self.instance_id, *self._former_ids[:3])
@@ -752,7 +784,7 @@ class CacheCore:
             self.store.confirm(as_of)
             return
         self._reset_senders()
-        self._forget_echoes()
+        self._forget_echoes(as_of)
         self.store.repair(as_of)
 
     def lost(self, reason: str) -> None:
@@ -761,7 +793,7 @@ class CacheCore:
         self.last_error = reason
         self._generations_changed()
         self._reset_senders()  # the repair covers whatever gap the next messages show
-        self._forget_echoes()
+        # (Own writes awaiting their echo are still waited for: the subscription is live.)
         self.store.repair()
 
     def confirmed(self, as_of: float) -> None:
