@@ -38,14 +38,20 @@ def frozen() -> Iterator[Callable[[RedisServer], None]]:
         os.kill(pid, signal.SIGCONT)
 
 
+# With the L2 (and values in messages), callers write the L2's publish script the same way.
+SHARING = [{}, {"l2": True}, {"l2": True, "propagate": "update"}]
+SHARING_IDS = ["plain", "l2", "l2+update"]
+
+
+@pytest.mark.parametrize("sharing", SHARING, ids=SHARING_IDS)
 def test_a_callers_batch_reaches_redis_without_the_sender(
-    redis_server: RedisServer, channel: str
+    redis_server: RedisServer, channel: str, sharing: dict[str, object]
 ) -> None:
     """With the sender thread kept from running (the test holds the cache's lock), a ``set``
     still reaches the other instances: the caller wrote the batch itself."""
     with (
-        NearCache(redis_server.url, channel=channel, abort_connect=True) as writer,
-        NearCache(redis_server.url, channel=channel, abort_connect=True) as reader,
+        NearCache(redis_server.url, channel=channel, abort_connect=True, **sharing) as writer,
+        NearCache(redis_server.url, channel=channel, abort_connect=True, **sharing) as reader,
     ):
         writer.set("warm", 1)
         writer.flush()  # the publishing connection is up: the next batch may go direct
@@ -53,7 +59,7 @@ def test_a_callers_batch_reaches_redis_without_the_sender(
         wait_until(lambda: reader.get("k") == "old")
         with writer._lock:  # the sender cannot take or read anything meanwhile
             writer.set("k", "new")
-            wait_until(lambda: reader.get("k") is None, 5)
+            wait_until(lambda: reader.get("k") != "old", 5)
         writer.flush()
         assert writer.stats().pending == 0
 
@@ -80,17 +86,21 @@ async def _async_direct(redis_server: RedisServer, channel: str) -> None:
     await writer.aclose()
 
 
+@pytest.mark.parametrize("sharing", SHARING, ids=SHARING_IDS)
 def test_a_frozen_redis_never_blocks_a_write(
     redis_factory: Callable[..., RedisServer],
     channel: str,
     frozen: Callable[[RedisServer], None],
+    sharing: dict[str, object],
 ) -> None:
     """Redis frozen, a 32 MiB batch written directly (the socket takes a fraction, the sender
     the rest), then a thousand more writes: every call returns at once; all are delivered
     once Redis runs again."""
     server = redis_factory()
     conn = f"{server.host}:{server.port},syncTimeout=30000"
-    with NearCache(conn, channel=channel, abort_connect=True, max_pending=20_000) as writer:
+    with NearCache(
+        conn, channel=channel, abort_connect=True, max_pending=20_000, **sharing
+    ) as writer:
         writer.set("warm", 1)
         writer.flush()
         frozen(server)

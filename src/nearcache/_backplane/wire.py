@@ -36,7 +36,7 @@ import redis
 
 from nearcache._core.log import PUBLISH_SCRIPT, SHARDED_PUBLISH_SCRIPT, log_keys, new_epoch
 
-__all__ = ["AsyncWire", "Wire", "request"]
+__all__ = ["AsyncWire", "Wire", "evalsha", "request"]
 
 
 def _script(source: str) -> tuple[bytes, bytes]:
@@ -81,6 +81,20 @@ def request(
     return b"".join(parts), 1
 
 
+def evalsha(sha: bytes, keys: Sequence[str], args: Sequence[str | bytes | int]) -> bytes:
+    """The RESP bytes of ``EVALSHA sha len(keys) *keys *args`` (the L2's publish script)."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), sha)]
+    parts.append(_bulk(b"%d" % len(keys)))
+    parts.extend(_bulk(k.encode()) for k in keys)
+    parts.extend(
+        _bulk(
+            arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
+        )
+        for arg in args
+    )
+    return b"".join(parts)
+
+
 def _receivers(replies: list[Any], log_length: int) -> int:
     """Subscribers that received the last message (the script's third field, or the last
     PUBLISH's count)."""
@@ -94,13 +108,25 @@ class Wire:
     """The threaded driver's publishing connection (see the module docstring).
 
     ``pool``: the redis-py connection pool to take the connection from (and to give it back to
-    on :meth:`close`)."""
+    on :meth:`close`). ``script``: another script to load on every new connection (the L2's
+    publish script, whose requests its owner builds: :meth:`write_request_nowait`,
+    :meth:`publish_request`; the replies are then in :attr:`replies`)."""
 
-    def __init__(self, pool: Any, channel: str, log_length: int, sharded: bool = False) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        channel: str,
+        log_length: int,
+        sharded: bool = False,
+        script: str | None = None,
+    ) -> None:
         self._pool = pool
         self._channel = channel
         self._log_length = log_length
         self._sharded = sharded
+        self._script = _script(script) if script is not None else _SCRIPTS[sharded]
+        self.sha = self._script[0]
+        self.replies: list[Any] = []
         self._conn: Any = None
         self._loaded = False  # the script was loaded on this connection
         self._ready = False  # connected, plain socket, nothing outstanding: a caller may write
@@ -116,7 +142,14 @@ class Wire:
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request publishing ``payloads`` without blocking (callers hold the
         driver's lock and checked :attr:`ready`); the sender then calls :meth:`complete`."""
-        data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
+        self.write_request_nowait(
+            *request(self._channel, self._log_length, payloads, self._sharded)
+        )
+
+    def write_request_nowait(self, data: bytes, expected: int) -> None:
+        """:meth:`write_nowait` of a request built by the owner, which gets ``expected``
+        replies."""
+        self._expected = expected
         self._ready = False
         sock = self._conn._sock
         try:
@@ -150,9 +183,15 @@ class Wire:
 
     def publish(self, payloads: Sequence[bytes]) -> int:
         """In the sender: connect if needed, write the request and read its reply."""
+        return self.publish_request(
+            *request(self._channel, self._log_length, payloads, self._sharded)
+        )
+
+    def publish_request(self, data: bytes, expected: int) -> int:
+        """:meth:`publish` of a request built by the owner."""
         try:
             conn = self._connect()
-            data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
+            self._expected = expected
             self._ready = False
             conn.send_packed_command([data], check_health=False)
             return self._read()
@@ -168,14 +207,14 @@ class Wire:
             conn.connect()
             self._loaded = False
         if not self._loaded and self._log_length:
-            conn.send_packed_command([_SCRIPTS[self._sharded][1]], check_health=False)
+            conn.send_packed_command([self._script[1]], check_health=False)
             conn.read_response()
             self._loaded = True
         return conn
 
     def _read(self) -> int:
         conn = self._conn
-        replies = [conn.read_response() for _ in range(self._expected)]
+        replies = self.replies = [conn.read_response() for _ in range(self._expected)]
         self._expected = 0
         # Only a plain socket lets a caller write without blocking (see the module docstring).
         self._ready = not isinstance(conn._sock, ssl.SSLSocket)

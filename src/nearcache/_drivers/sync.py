@@ -23,7 +23,7 @@ from nearcache._core.cache import (
     snapshot,
 )
 from nearcache._core.codec import Invalidation, Kind
-from nearcache._core.l2 import L2Options
+from nearcache._core.l2 import L2Options, MessagePlan
 from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
@@ -197,6 +197,7 @@ class NearCache(CacheCommon):
         # batch is in flight (taken and not yet acknowledged), which keeps callers from
         # writing another.
         self._written: tuple[Batch, list[bytes]] | None = None
+        self._l2_plans: tuple[list[MessagePlan], tuple[bytes, str] | None] | None = None
         self._publishing = False
         if self._settings is not None:
             from nearcache._backplane.redis import RedisBackplane
@@ -211,9 +212,9 @@ class NearCache(CacheCommon):
                 reconcile=self._options.reconcile_interval,
             )
         self._l2: RedisL2 | None = None
-        # Callers write batches themselves only through a backplane that can (the Redis one),
-        # and only plain invalidations (the L2's publish keeps its own round trip).
-        self._direct = sharing is None and hasattr(self._backplane, "write_nowait")
+        # Callers write batches themselves only through a backplane that can (the Redis one);
+        # with sharing, through the L2's publishing connection (_l2_plans: what they wrote).
+        self._direct = hasattr(self._backplane, "write_nowait")
         if self._settings is not None and sharing is not None:
             from nearcache._l2.redis import RedisL2
 
@@ -448,7 +449,7 @@ class NearCache(CacheCommon):
         with self._lock:
             self._check_open()
             if self._core.write(reservation, value, ttl, sliding, data, since, started):
-                self._cond.notify_all()
+                self._wake_sender()
         return value
 
     def remove(self, key: Hashable, *, region: str | None = None) -> None:
@@ -547,6 +548,9 @@ class NearCache(CacheCommon):
                     self._publishing = True
                 else:
                     taken, payloads = written  # a caller wrote it: read the reply
+                    if self._l2 is not None:
+                        assert self._l2_plans is not None
+                        (plans, since), self._l2_plans = self._l2_plans, None
             # Encoded outside the lock: writers keep going.
             if written is not None:
                 pass
@@ -557,7 +561,9 @@ class NearCache(CacheCommon):
                 payloads = core.encode_batch(taken)
             while True:
                 try:
-                    if self._l2 is not None:
+                    if self._l2 is not None and written is not None:
+                        self._l2.complete()
+                    elif self._l2 is not None:
                         self._l2.publish(plans, since, taken.sender)
                     elif written is not None:
                         backplane.complete()
@@ -588,7 +594,16 @@ class NearCache(CacheCommon):
         if not self._publishing and self._direct:
             backplane: Any = self._backplane
             core = self._core
-            if backplane.writable and core.next_send() == 0:
+            l2 = self._l2
+            if l2 is not None:
+                if l2.writable and core.next_send() == 0:
+                    taken = core.take_ops()
+                    plans, since = core.encode_plans(taken)
+                    l2.write_nowait(plans, since, taken.sender)
+                    self._l2_plans = (plans, since)
+                    self._written = (taken, [plan.message for plan in plans])
+                    self._publishing = True
+            elif backplane.writable and core.next_send() == 0:
                 taken = core.take_ops()
                 payloads = core.encode_batch(taken)
                 backplane.write_nowait(payloads)

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - redis[hiredis] brings it; redis-py par
     hiredis = None  # type: ignore[assignment]
 
 from nearcache._backplane.redis import make_client_kwargs, publish_error
+from nearcache._backplane.wire import Wire, evalsha
 from nearcache._config import RedisSettings
 from nearcache._core import l2
 from nearcache._core.codec import Key, Region
@@ -147,7 +148,11 @@ class RedisL2:
         self._read_script = self._client.register_script(l2.READ_SCRIPT)
         self._fill_script = self._client.register_script(l2.FILL_SCRIPT)
         self._release_script = self._client.register_script(l2.RELEASE_SCRIPT)
-        self._publish_script = self._publisher.register_script(l2.PUBLISH_SCRIPT)
+        # Publishing: a Wire of its own (one connection, the script loaded on it), so that a
+        # caller can write a batch itself without blocking, as without the L2.
+        self._wire = Wire(
+            self._publisher.connection_pool, channel, log_length, script=l2.PUBLISH_SCRIPT
+        )
         self._breaker = Breaker()
         self._breaker_lock = threading.Lock()
         self._closed = False
@@ -259,13 +264,43 @@ class RedisL2:
     ) -> int:
         """Publish a batch through the L2-aware script (log, channel, L2 and generations in
         one atomic step); return the receivers of the last message. Raises BackplaneError."""
+        try:
+            self._wire.publish_request(self._request(plans, since, sender), 1)
+        except (redis.RedisError, OSError) as exc:
+            raise publish_error(exc, self._channel, self._settings.describe()) from exc
+        return self._published()
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_nowait` may be called now (see ``_backplane/wire.py``)."""
+        return self._wire.ready and not self._closed
+
+    def write_nowait(
+        self, plans: Sequence[l2.MessagePlan], since: tuple[bytes, str] | None, sender: bytes
+    ) -> None:
+        """Write :meth:`publish`'s request without blocking, from the caller's thread (after
+        checking :attr:`writable`); the sender then calls :meth:`complete`."""
+        self._wire.write_request_nowait(self._request(plans, since, sender), 1)
+
+    def complete(self) -> int:
+        """Finish what :meth:`write_nowait` began and read its reply (in the sender); raises
+        as :meth:`publish` does."""
+        try:
+            self._wire.complete()
+        except (redis.RedisError, OSError) as exc:
+            raise publish_error(exc, self._channel, self._settings.describe()) from exc
+        return self._published()
+
+    def _request(
+        self, plans: Sequence[l2.MessagePlan], since: tuple[bytes, str] | None, sender: bytes
+    ) -> bytes:
         keys, args = l2.publish_call(
             self._channel, self._log_length, sender, since, plans, new_epoch()
         )
-        try:
-            reply = self._publish_script(keys=keys, args=args)
-        except (redis.RedisError, OSError) as exc:
-            raise publish_error(exc, self._channel, self._settings.describe()) from exc
+        return evalsha(self._wire.sha, keys, args)
+
+    def _published(self) -> int:
+        reply = self._wire.replies[-1]
         self._sharing.stats.updates_fell_back += int(reply[3])
         return int(reply[2])
 
@@ -273,5 +308,6 @@ class RedisL2:
         """Release the connections."""
         self._closed = True
         self._plain.closed = True
+        self._wire.close()
         self._client.close()
         self._publisher.close()
