@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,9 +132,10 @@ def test_a_write_through_one_instance_evicts_the_other(redis_server: RedisServer
         ({"abort_connect": "yes"}, r"OPTIONS\['abort_connect'\] must be True, False or None"),
         ({"secret": {"": b"x"}}, r"OPTIONS\['secret'\]"),
         ({"secret": 5}, r"OPTIONS\['secret'\]: secret must be"),
-        # Django values (pickled copies with a process-local expiry) cannot travel yet.
-        ({"l2": True}, r"OPTIONS\['l2'\] = True is not supported"),
-        ({"propagate": "update"}, r"OPTIONS\['propagate'\] = 'update' is not supported"),
+        # Django values travel as pickles: only signed ones are loaded.
+        ({"l2": True}, r"OPTIONS\['l2'\] = True needs OPTIONS\['secret'\]"),
+        ({"propagate": "update"}, r"OPTIONS\['propagate'\] = 'update' needs OPTIONS\['secret'\]"),
+        ({"serializer": None}, r"OPTIONS\['serializer'\] is not allowed: .*pickled values"),
     ],
 )
 def test_bad_options_are_improperly_configured(
@@ -310,3 +312,89 @@ def test_close_caches_closes_the_shared_cache_for_good() -> None:
     fresh.set("k", 2)
     assert fresh.get("k") == 2
     fresh.clear()
+
+
+# -- with the shared L2 (values pickled, signed with the secret) ------------------------
+
+LOADED: list[str] = []  # set if a planted pickle is ever loaded
+
+
+class Planted:
+    """Records that it was unpickled: the test fails if that ever happens."""
+
+    def __reduce__(self) -> Any:
+        return (LOADED.append, ("code ran",))
+
+
+def shared_pair(redis_server: RedisServer, channel: str, **options: Any) -> tuple[Any, Any]:
+    """Two NearCaches (other max_entries: separate instances, as in two processes) on one
+    channel with the L2."""
+    common = {"channel": channel, "l2": True, "secret": "s3cret", **options}
+    a = backend(redis_server.url, max_entries=1000, **common)
+    b = backend(redis_server.url, max_entries=2000, **common)
+    for c in (a, b):
+        wait_until(lambda c=c: c.nearcache.stats().backplane == "connected", 5.0)
+    a.nearcache.remove("__prime__")  # a log position to share values from (a new channel)
+    a.nearcache.flush()
+    wait_until(lambda: a.nearcache._backplane.log_position() is not None, 5.0)
+    return a, b
+
+
+@pytest.mark.parametrize("propagate", ["invalidate", "update"])
+def test_values_set_in_one_instance_are_read_from_l2_in_another(
+    redis_server: RedisServer, channel: str, propagate: str
+) -> None:
+    """B never set the keys: get, get_many, has_key, add and incr find A's values in L2
+    (copies, with A's expiry), and B's own writes reach A."""
+    from django.http import HttpResponse
+
+    a, b = shared_pair(redis_server, channel, propagate=propagate)
+    page = HttpResponse(b"<p>cached</p>", headers={"X-Served": "a"})
+    a.set("page", page)
+    a.set("n", 1, 30)
+    a.set("short", "v", 0.5)
+    a.nearcache.flush()
+    got = b.get("page")
+    assert (got.content, got["X-Served"]) == (b"<p>cached</p>", "a")
+    assert b.get("page") is not b.get("page")  # copies
+    stats = b.nearcache.stats()  # from L2, or (propagate="update") from A's messages
+    assert (stats.l2_hits if propagate == "invalidate" else stats.updates_received) >= 1
+    assert b.get_many(["n", "missing"]) == {"n": 1}
+    assert b.has_key("short") and not b.add("n", 5)
+    assert b.incr("n") == 2  # from A's value; A's expiry (30 s) kept
+    b.nearcache.flush()
+    wait_until(lambda: a.get("n") == 2, 5.0)
+    held = b.nearcache.get(b.make_key("n"))
+    assert held is not None and 25 < held.expires - time.monotonic() <= 30
+    wait_until(lambda: b.get("short") is None, 5.0)  # A's timeout applies in B too
+    assert b.get("missing", "default") == "default"
+    a.nearcache.set("direct", {"through": "the NearCache"})  # not a Django value: pickled
+    a.nearcache.flush()
+    assert b.nearcache.get_or_set("direct", lambda: "db") == {"through": "the NearCache"}
+
+
+def test_a_planted_pickle_in_l2_is_never_loaded(redis_server: RedisServer, channel: str) -> None:
+    """Whoever can write to Redis cannot run code in the app: an unsigned record (or one
+    signed with another secret) under a key's L2 name is a counted miss, never unpickled."""
+    import pickle
+
+    import redis
+
+    from nearcache._core import l2
+    from nearcache._core.codec import channel_name
+
+    a, b = shared_pair(redis_server, channel)
+    a.set("k", "real")
+    a.nearcache.flush()
+    name = l2.value_keys(channel_name(channel), None, b.make_key("k"))[0]
+    admin = redis.Redis(port=redis_server.port)
+    record = admin.get(name)
+    assert record is not None
+    tags = record[: 2 + record[0] + record[1 + record[0]]]
+    evil = b"P" + pickle.dumps(Planted())
+    for signing in (None, ("other", b"another secret")):
+        payload = l2.encode_payload(3, None, b.make_key("k"), evil, signing)
+        admin.set(name, tags + payload)
+        assert b.get("k") is None
+    admin.close()
+    assert LOADED == [] and b.nearcache.stats().l2_corrupt == 2

@@ -24,9 +24,11 @@ EXPECTED_SKIPS = {
 }
 
 
-def test_django_base_cache_tests_pass(redis_server: RedisServer, channel: str) -> None:
-    """Every test of Django's BaseCacheTests passes; only the three culling tests skip."""
-    env = {**os.environ, "NEARCACHE_DJANGO_CHANNEL": channel}
+@pytest.mark.parametrize("share", ["", "l2", "l2+update"], ids=["l1", "l2", "l2+update"])
+def test_django_base_cache_tests_pass(redis_server: RedisServer, channel: str, share: str) -> None:
+    """Every test of Django's BaseCacheTests passes; only the three culling tests skip. Also
+    with the shared L2 (values pickled, signed), and with values in update messages."""
+    env = {**os.environ, "NEARCACHE_DJANGO_CHANNEL": channel, "NEARCACHE_DJANGO_SHARE": share}
     proc = subprocess.run(
         [sys.executable, str(SUITE / "run.py"), redis_server.url],
         capture_output=True,

@@ -112,3 +112,58 @@ def test_writes_in_one_process_reach_the_other(apps: tuple[str, AppProcess, AppP
         if b.http("GET", "/products/1")["product"]["price"] == 120:
             break
         assert started <= flushed + MAX_STALENESS, "B still serves the old price"
+
+
+PRODUCT = {"id": 1, "name": "lamp", "price": 100}
+
+
+@pytest.mark.parametrize("share", ["l2", "l2+update"])
+def test_django_with_the_l2_a_new_process_warms_from_l2_not_the_database(
+    redis_server: RedisServer, channel: str, tmp_path: Path, share: str
+) -> None:
+    """Django on the L2 (pickled values, signed): A loads a product from the database,
+    caches a value and a page (a response object); B, started afterwards, serves all three
+    from L2 without querying the database or rendering the page; then A's writes reach B
+    within the staleness bound."""
+    pytest.importorskip("django", reason="the django extra")
+    common = ["--connection", redis_server.url, "--channel", channel, "--share", share]
+    common += ["--db", str(tmp_path / "db.sqlite3")]
+    started: list[AppProcess] = []
+    try:
+        a = start("django", *common, "--create-tables", name="A")
+        started.append(a)
+        a.call("seed", pid=1, name="lamp", price=100)
+        wait_until(lambda: a.http("GET", "/stats")["backplane"] == "connected", 10)
+        # The seed's eviction has come back: A knows a log position to share values from (on
+        # a brand-new channel a value is sent as an invalidation until it does).
+        wait_until(lambda: a.http("GET", "/stats")["own_messages"] >= 1, 10)
+        a.http("PUT", "/items/x", {"value": {"nested": [1, 2]}})
+        # And the set's: A's own writes no longer keep its loads away from L2.
+        wait_until(lambda: a.http("GET", "/stats")["own_messages"] >= 2, 10)
+        assert a.http("GET", "/products/1") == {"product": PRODUCT, "count": 1}
+        a_pid = a.http("GET", "/page")["rendered_by"]
+
+        b = start("django", *common, name="B")
+        started.append(b)
+        wait_until(lambda: b.http("GET", "/stats")["backplane"] == "connected", 10)
+        assert b.http("GET", "/products/1") == {"product": PRODUCT, "count": 0}  # no query
+        assert b.http("GET", "/items/x") == {"found": True, "value": {"nested": [1, 2]}}
+        assert b.http("GET", "/page")["rendered_by"] == a_pid
+        assert b.http("GET", "/renders")["count"] == 0
+        assert b.http("GET", "/stats")["l2_hits"] >= 3
+
+        flushed = a.http("PUT", "/items/x", {"value": "new"})["flushed_at"]
+        while True:
+            started_at = time.monotonic()
+            if b.http("GET", "/items/x")["value"] == "new":
+                break
+            assert started_at <= flushed + MAX_STALENESS, "B still serves the old value"
+        flushed = a.http("PUT", "/products/1", {"price": 120})["flushed_at"]
+        while True:
+            started_at = time.monotonic()
+            if b.http("GET", "/products/1")["product"]["price"] == 120:
+                break
+            assert started_at <= flushed + MAX_STALENESS, "B still serves the old price"
+    finally:
+        for app in started:
+            app.close()

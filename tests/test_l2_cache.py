@@ -5,6 +5,7 @@ Redis (several instances in this process; the multi-process cases are in
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -411,3 +412,30 @@ def test_known_generations_never_hide_a_clear(fleet: Fleet, who: str) -> None:
     confirmed_after(b, b._clock())  # the clear's message reached B
     assert fleet.in_l2("k", "r") is not None  # unreachable, not deleted (O(1) clears)
     assert fleet.run(b.get_or_set("k", factory("new k", calls), region="r")) == "new k"
+
+
+def test_a_load_that_joined_a_lookup_loads_for_real(
+    redis_server: RedisServer, channel: str, tcp_proxy: Any
+) -> None:
+    """get_or_set(key, lookup) (the Django backend's get) finds nothing in L2: a caller with a
+    factory that joined it meanwhile runs its own load instead of getting Absent."""
+    from nearcache._core.sharing import Absent, lookup
+
+    proxy: TcpProxy = tcp_proxy(redis_server.port)
+    with NearCache(f"127.0.0.1:{proxy.port}", channel=channel, l2=True) as cache:
+        wait_until(lambda: cache.backplane_state.value == "connected")
+        proxy.delay(0.3)  # the lookup's L2 read takes that long
+        outcome: list[Any] = []
+
+        def look() -> None:
+            try:
+                outcome.append(cache.get_or_set("k", lookup))
+            except Absent:
+                outcome.append("absent")
+
+        looking = threading.Thread(target=look)
+        looking.start()
+        wait_until(lambda: (None, "k") in cache._core.flights)
+        assert cache.get_or_set("k", lambda: "db") == "db"
+        looking.join()
+        assert outcome == ["absent"]

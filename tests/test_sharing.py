@@ -14,7 +14,17 @@ from nearcache._core.cache import CacheCore, CacheOptions
 from nearcache._core.codec import Invalidation, Kind, Update, decode, encode
 from nearcache._core.l2 import L2Options
 from nearcache._core.outbox import Outbox
-from nearcache._core.sharing import Fill, Get, Load, Loaded, Read, Release, Sharing, Wait
+from nearcache._core.sharing import (
+    Absent,
+    Fill,
+    Get,
+    Load,
+    Loaded,
+    Read,
+    Release,
+    Sharing,
+    Wait,
+)
 from nearcache._core.store import MISSING
 from tests.clock import FakeClock
 
@@ -738,3 +748,18 @@ def test_a_new_subscription_forgets_own_writes_published_before_it() -> None:
     c.receive(message(2, Invalidation(Kind.KEY, None, "y")))
     c.receive(message(3, Update("r", "k", SafeSerializer().dumps("theirs"))))
     assert c.store.get("k", MISSING, "r") == "theirs"
+
+
+def test_a_lookup_takes_no_lease_and_loads_nothing() -> None:
+    """get_or_set(key, lookup): the read script without the lease; no value means the factory
+    (lookup raises Absent) at once, counted as an L2 miss, not a load; a value is a hit."""
+    s = sharing()
+    flow = s.load_flow("k", "r", "t", looking=True)
+    step = flow.send(None)
+    assert step == Read("")
+    assert type(flow.send(result(l2.NO_VALUE))) is Load
+    with pytest.raises(Absent):
+        flow.throw(Absent())
+    assert (s.stats.l2_misses, s.stats.loads, s.stats.l2_lease_waits) == (1, 0, 0)
+    steps, loaded = drive(s.load_flow("k", "r", "t", looking=True), [result(l2.VALUE, record(3))])
+    assert [type(x) for x in steps] == [Read] and loaded.value == 3

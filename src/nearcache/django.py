@@ -23,14 +23,22 @@ Values are pickled on ``set`` and unpickled on every ``get``, as Django's local-
 backend does, so that no caller ever shares a mutable object with the cache (the cache
 middleware stores response objects). ``None``, ``bool``, ``int``, ``float``, ``str`` and
 ``bytes`` values are immutable and stored as they are.
+
+With ``OPTIONS["l2"] = True`` (a shared Redis L2) or ``OPTIONS["propagate"] = "update"``,
+those pickled bytes are what L2 and update messages carry, so ``OPTIONS["secret"]`` is then
+required: every L2 record and message is HMAC-verified before anything in it is unpickled,
+and whoever can write to Redis cannot make the application run code. ``get`` (and every
+operation that looks a key up) then reads L2 on an L1 miss, without taking a lease.
 """
 
 from __future__ import annotations
 
 import atexit
 import inspect
+import math
 import os
 import pickle
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,9 +54,10 @@ except ImportError as exc:  # pragma: no cover - exercised by test_extras_missin
     raise ImportError("nearcache.django needs Django: pip install 'nearcache[django]'") from exc
 
 from nearcache._config import parse_connection_string
+from nearcache._core.sharing import Absent, lookup
 from nearcache._core.store import MISSING
 from nearcache._drivers.sync import CacheState, NearCache
-from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
+from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError, SerializationError
 
 __all__ = ["NearCacheBackend", "close_caches", "evict_on_change", "model_key"]
 
@@ -59,6 +68,8 @@ _NOT_OPTIONS = {
     "sliding": "Django caches have no sliding expiration",
     "backplane": "it is not a setting",
     "clock": "it is not a setting",
+    "serializer": "with l2 or propagate='update' the backend shares its own pickled values, "
+    "signed with OPTIONS['secret']",
 }
 # The remaining keyword arguments of NearCache, read from its signature, so that options
 # added to NearCache later (the L2's among them) pass through with no change here.
@@ -90,10 +101,70 @@ class _Stored:
             self.data, self.pickled = pickle.dumps(value, pickle.HIGHEST_PROTOCOL), True
         self.expires = expires
 
+    @classmethod
+    def shared(cls, data: bytes, expires: float | None) -> _Stored:
+        """A value another process shared (through L2 or an update message): its pickle,
+        already verified with the secret, is loaded only when read."""
+        stored = cls.__new__(cls)
+        stored.data, stored.pickled, stored.expires = data, True, expires
+        return stored
+
     def value(self) -> Any:
         if self.pickled:
-            return pickle.loads(cast(bytes, self.data))  # noqa: S301 - pickled by _Stored
+            # Pickled by _Stored here, or by another process and HMAC-verified on arrival.
+            return pickle.loads(cast(bytes, self.data))  # noqa: S301
         return self.data
+
+
+_NEVER = math.nan  # the wire's "no expiry"
+_EXPIRY = struct.Struct(">d")
+
+
+class _SharedValues:
+    """The serializer of a backend with the L2 or update messages: a :class:`_Stored` travels
+    as its pickle (made once, on ``set``) and its expiry as wall-clock time (each process
+    turns it back into its own monotonic clock); anything else put into the NearCache
+    directly is pickled. Every record and message is HMAC-verified before :meth:`loads`
+    sees it (``needs_signing``: the cache refuses to start without ``secret``)."""
+
+    id = 3
+    needs_signing = True
+
+    def dumps(self, value: object) -> bytes:
+        if type(value) is _Stored:
+            expires = _NEVER
+            if value.expires is not None:
+                expires = time.time() + (value.expires - time.monotonic())
+            data = (
+                value.data if value.pickled else pickle.dumps(value.data, pickle.HIGHEST_PROTOCOL)
+            )
+            return b"S" + _EXPIRY.pack(expires) + cast(bytes, data)
+        try:
+            return b"P" + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # pickling user objects can raise anything
+            raise SerializationError(f"cannot pickle a {type(value).__qualname__}: {exc}") from None
+
+    def loads(self, data: bytes) -> object:
+        tag = data[:1]
+        if tag == b"S":
+            (expires,) = _EXPIRY.unpack_from(data, 1)
+            if math.isnan(expires):
+                return _Stored.shared(data[9:], None)
+            return _Stored.shared(data[9:], time.monotonic() + (expires - time.time()))
+        if tag == b"P":
+            return pickle.loads(data[1:])  # noqa: S301 - only ever HMAC-verified bytes
+        raise ValueError(f"not a value of the Django backend (tag {tag!r})")
+
+    def __repr__(self) -> str:
+        return "nearcache.django values (pickled, signed)"
+
+
+_SHARED_VALUES = _SharedValues()
+
+
+def _shares(options: dict[str, Any]) -> bool:
+    """Whether these OPTIONS share values between processes (L2, update messages)."""
+    return bool(options.get("l2")) or options.get("propagate") == "update"
 
 
 class _Shared:
@@ -173,12 +244,12 @@ def _check_options(options: object) -> dict[str, Any]:
             raise ImproperlyConfigured(
                 f"nearcache: OPTIONS['channel'] must be a non-empty str, not {value!r}"
             )
-        if (name == "l2" and value) or (name == "propagate" and value == "update"):
-            # A backend value is a pickled copy with a monotonic expiry of this process:
-            # neither the default serializer nor another process can use it.
+        if ((name == "l2" and value) or (name == "propagate" and value == "update")) and not (
+            options.get("secret")
+        ):
             raise ImproperlyConfigured(
-                f"nearcache: OPTIONS[{name!r}] = {value!r} is not supported by the Django "
-                "backend yet: its values cannot be shared through L2 or update messages"
+                f"nearcache: OPTIONS[{name!r}] = {value!r} needs OPTIONS['secret']: Django "
+                "values are shared as pickles, which are loaded only when signed with it"
             )
         if name == "abort_connect" and value is not None and not isinstance(value, bool):
             raise ImproperlyConfigured(
@@ -188,6 +259,8 @@ def _check_options(options: object) -> dict[str, Any]:
 
 
 def _open(location: str, options: dict[str, Any]) -> NearCache:
+    if _shares(options):
+        options = {**options, "serializer": _SHARED_VALUES}
     try:
         return NearCache(location or None, **options)
     except BackplaneUnavailableError as exc:
@@ -247,6 +320,8 @@ class NearCacheBackend(BaseCache):  # type: ignore[misc]  # Django is untyped
         super().__init__(params)
         self._shared = _shared_cache(server, params.get("OPTIONS", {}))
         self._cache = self._shared.cache
+        # With the L2, a key missing here is looked up there too (no lease, no factory).
+        self._looks_further = bool(params.get("OPTIONS", {}).get("l2"))
 
     @property
     def nearcache(self) -> NearCache:
@@ -267,6 +342,11 @@ class NearCacheBackend(BaseCache):  # type: ignore[misc]  # Django is untyped
 
     def _held(self, key: str) -> _Stored | None:
         stored = self._cache.get(key, MISSING)
+        if stored is MISSING and self._looks_further:
+            try:  # L2: a value found there is cached here as a load is
+                stored = self._cache.get_or_set(key, lookup)
+            except Absent:
+                return None
         # Anything else under the key was put there through the NearCache directly.
         return stored if type(stored) is _Stored else None
 
@@ -290,7 +370,9 @@ class NearCacheBackend(BaseCache):  # type: ignore[misc]  # Django is untyped
         key = self.make_and_validate_key(key, version=version)
         stored = self._cache.get(key, MISSING)
         if type(stored) is not _Stored:
-            return default
+            stored = self._held(key) if stored is MISSING else None
+            if stored is None:
+                return default
         return stored.value()
 
     def set(

@@ -15,13 +15,21 @@ import django
 from django.conf import settings
 
 
-def configure(location: str, channel: str, db_path: str, *, max_staleness: float = 2.0) -> None:
-    """Configure Django for this process: the site, the shop app, two cache aliases."""
+def configure(
+    location: str, channel: str, db_path: str, *, max_staleness: float = 2.0, share: str = ""
+) -> None:
+    """Configure Django for this process: the site, the shop app, two cache aliases.
+    ``share``: "l2" (a shared L2) or "l2+update" (and values in update messages)."""
+    options: dict[str, Any] = {"channel": channel, "max_staleness": max_staleness}
+    if share:
+        options |= {"l2": True, "secret": "django-tests-secret"}
+    if share == "l2+update":
+        options["propagate"] = "update"
     cache = {
         "BACKEND": "nearcache.django.NearCacheBackend",
         "LOCATION": location,
         "TIMEOUT": 300,
-        "OPTIONS": {"channel": channel, "max_staleness": max_staleness},
+        "OPTIONS": options,
     }
     settings.configure(
         DEBUG=False,
@@ -58,6 +66,7 @@ def watch_products() -> None:
 from django.core.cache import caches  # noqa: E402 - after configure() in this module's users
 from django.http import HttpRequest, JsonResponse  # noqa: E402
 from django.urls import path  # noqa: E402
+from django.views.decorators.cache import cache_page  # noqa: E402
 
 _MISSING = object()
 
@@ -132,11 +141,42 @@ def product(request: HttpRequest, pid: int) -> JsonResponse:
     return JsonResponse({"product": cache.get_or_set(model_key(Product, pid), load), **LOADS})
 
 
+RENDERS = {"count": 0}
+
+
+def _render(request: HttpRequest) -> JsonResponse:
+    RENDERS["count"] += 1
+    return JsonResponse({"rendered_by": os.getpid()})
+
+
+_PAGE: list[Any] = []
+
+
+def page(request: HttpRequest) -> Any:
+    """A page Django's cache middleware keeps (a pickled response object); renders counted.
+    (``cache_page`` reads the settings: applied at the first request, after configure().)"""
+    if not _PAGE:
+        _PAGE.append(cache_page(300)(_render))
+    return _PAGE[0](request)
+
+
+def renders(request: HttpRequest) -> JsonResponse:
+    """How often this process rendered ``page``."""
+    return JsonResponse(RENDERS)
+
+
 def stats(request: HttpRequest) -> JsonResponse:
     """This process's cache: backplane state, pid, instance id."""
     nc = caches["default"].nearcache
+    s = nc.stats()
     return JsonResponse(
-        {"backplane": nc.stats().backplane, "pid": os.getpid(), "instance": nc.instance_id}
+        {
+            "backplane": s.backplane,
+            "pid": os.getpid(),
+            "instance": nc.instance_id,
+            "l2_hits": getattr(s, "l2_hits", 0),
+            "own_messages": s.own_messages,
+        }
     )
 
 
@@ -147,4 +187,6 @@ urlpatterns = [
     path("clear", clear),
     path("products/<int:pid>", product),
     path("stats", stats),
+    path("page", page),
+    path("renders", renders),
 ]

@@ -35,7 +35,7 @@ Requester = Callable[[str, str, Any], tuple[int, Any]]
 def django_requester(args: argparse.Namespace) -> Iterator[Requester]:
     from tests.apps import django_site
 
-    django_site.configure(args.connection, args.channel, args.db)
+    django_site.configure(args.connection, args.channel, args.db, share=args.share)
     if args.create_tables:
         django_site.create_tables()
     django_site.watch_products()
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--source", default="")
     parser.add_argument("--db", default="")
     parser.add_argument("--create-tables", action="store_true")
+    parser.add_argument("--share", default="", choices=["", "l2", "l2+update"])  # Django only
     parser.add_argument("--fork", action="store_true")
     parser.add_argument("--child-in", type=int)
     parser.add_argument("--child-out", type=int)

@@ -41,6 +41,7 @@ from nearcache._core.store import L1Store
 from nearcache._exceptions import ConfigurationError, SerializationError
 
 __all__ = [
+    "Absent",
     "Breaker",
     "Fill",
     "Get",
@@ -51,6 +52,7 @@ __all__ = [
     "Release",
     "Sharing",
     "Wait",
+    "lookup",
 ]
 
 
@@ -151,6 +153,18 @@ class Release(NamedTuple):
 
 
 _NO_VALUE = object()
+
+
+class Absent(LookupError):
+    """What :func:`lookup` raises: L2 holds no value for the key (or L2 is not in use)."""
+
+
+def lookup() -> Any:
+    """The factory of a read that only looks (``get_or_set(key, lookup)``, for the Django
+    backend's ``get``): L1, then L2 without taking the lease; nothing found raises
+    :class:`Absent`, and no factory runs. Callers that joined such a read and have a factory
+    of their own load again."""
+    raise Absent
 
 
 class Loaded(NamedTuple):
@@ -391,6 +405,7 @@ class Sharing:
         ttl: float | None = None,
         *,
         plain: bool = False,
+        looking: bool = False,
     ) -> Generator[Step, Any, Loaded]:
         """The read path after an L1 miss (and the local flight), as I/O steps.
 
@@ -400,9 +415,13 @@ class Sharing:
         read script (one round trip, taking the lease on a miss); with the lease, the factory
         and the fill; without it, polls of L2 until the holder's fill appears, the lease is
         free (the holder failed or died: take it) or ``l2_lease_wait`` ran out (load without
-        it). L2 unusable or failing: the factory alone.
+        it). L2 unusable or failing: the factory alone. ``looking`` (the factory is
+        :func:`lookup`): the read script takes no lease, and no value means the factory (which
+        raises :class:`Absent`) at once.
         """
         stats = self.stats
+        if looking:
+            token = ""  # the read script's "do not take the lease"
         tags = self._plain_tags(region) if plain else None
         if tags is not None:
             as_of, gen, rgen = tags
@@ -420,7 +439,7 @@ class Sharing:
         wait: LeaseWait | None = None
         while True:
             if got is None:  # L2 down or skipped
-                stats.loads += 1
+                stats.loads += 0 if looking else 1
                 return Loaded((yield Load()))
             if got.status == l2.VALUE:
                 try:
@@ -434,6 +453,9 @@ class Sharing:
                     return Loaded((yield Load()))
                 stats.l2_hits += 1
                 return Loaded(value, got.pttl)
+            if looking:
+                stats.l2_misses += 1
+                return Loaded((yield Load()))
             if got.status == l2.LEASED:
                 stats.l2_misses += 1
                 return Loaded((yield from self._load_and_fill(key, region, token, got, ttl)))

@@ -24,7 +24,7 @@ from nearcache._core.cache import (
 )
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options, MessagePlan
-from nearcache._core.sharing import new_sharing
+from nearcache._core.sharing import Absent, lookup, new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
     CLOSED,
@@ -357,6 +357,9 @@ class NearCache(CacheCommon):
         if joined is not None:  # wait for the load's result
             outcome.done.wait()
             if outcome.error is not None:
+                if type(outcome.error) is Absent and factory is not lookup:
+                    # It only looked (see nearcache._core.sharing.lookup): load for real.
+                    return self.get_or_set(key, factory, region=region, ttl=ttl, sliding=sliding)
                 raise outcome.error
             return outcome.value  # type: ignore[return-value]
         try:

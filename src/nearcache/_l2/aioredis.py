@@ -28,6 +28,7 @@ from nearcache._core.sharing import (
     Release,
     Sharing,
     Wait,
+    lookup,
 )
 from nearcache._exceptions import MessageError
 from nearcache._l2.redis import l2_client_kwargs
@@ -89,7 +90,12 @@ class AsyncRedisL2:
         """Run the read path for one missed key: L2, lease, wait, factory, fill (see
         :meth:`nearcache._l2.redis.RedisL2.load`)."""
         flow = self._sharing.load_flow(
-            key, region, l2.new_token(), ttl, plain=reservation is not None
+            key,
+            region,
+            l2.new_token(),
+            ttl,
+            plain=reservation is not None,
+            looking=factory is lookup,
         )
         send: Any = None
         error: BaseException | None = None

@@ -40,6 +40,7 @@ from nearcache._core.sharing import (
     Release,
     Sharing,
     Wait,
+    lookup,
 )
 from nearcache._exceptions import MessageError
 from nearcache._typing import Clock
@@ -172,7 +173,12 @@ class RedisL2:
         ``reservation``: the load's claim in L1, lowered to what a plain read is current as
         of (see :class:`~nearcache._core.sharing.Get`)."""
         flow = self._sharing.load_flow(
-            key, region, l2.new_token(), ttl, plain=reservation is not None
+            key,
+            region,
+            l2.new_token(),
+            ttl,
+            plain=reservation is not None,
+            looking=factory is lookup,
         )
         send: Any = None
         error: BaseException | None = None
