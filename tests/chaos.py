@@ -401,7 +401,9 @@ class Conductor:
         else:
             from tests.chaos_topologies import TopologyChaos
 
-            self.topology = TopologyChaos(args.topology, self.tmp / "topology", self.channel)
+            self.topology = TopologyChaos(
+                args.topology, self.tmp / "topology", self.channel, l2=args.l2
+            )
             self.faults = self.topology.faults
         self.source = RedisServer(self.tmp / "source").start()
         self.procs: list[subprocess.Popen[str]] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.servers import redis_server_binary, wait_until
 from tests.topologies import ClusterTopology, SentinelTopology, key_slot
 
-__all__ = ["CLUSTER_FAULTS", "SENTINEL_FAULTS", "TopologyChaos"]
+__all__ = ["CLUSTER_FAULTS", "CLUSTER_L2_FAULTS", "SENTINEL_FAULTS", "TopologyChaos"]
 
 SENTINEL_FAULTS = (
     "failover",
@@ -37,6 +37,9 @@ CLUSTER_FAULTS = (
     "kill_subscribers",
     "pause_instance",
 )
+# With the L2 on a cluster, values live on every primary: their slots move and their owners
+# die too, not only the channel's.
+CLUSTER_L2_FAULTS = (*CLUSTER_FAULTS, "move_value_slot", "kill9_value_owner")
 OPTIONS = "abortConnect=False,connectTimeout=1000,syncTimeout=2000"
 
 Later = Callable[[float, Callable[[], object], str, float], None]
@@ -45,7 +48,7 @@ Later = Callable[[float, Callable[[], object], str, float], None]
 class TopologyChaos:
     """A Sentinel set or a cluster for the chaos suite, and how to hurt it."""
 
-    def __init__(self, kind: str, workdir: Path, channel: str) -> None:
+    def __init__(self, kind: str, workdir: Path, channel: str, *, l2: bool = False) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server not found")
@@ -63,7 +66,7 @@ class TopologyChaos:
         else:
             self.cluster = ClusterTopology(workdir / "cluster", binary=binary)
             self.cluster.start()
-            self.faults = CLUSTER_FAULTS
+            self.faults = CLUSTER_L2_FAULTS if l2 else CLUSTER_FAULTS
             self.connection = f"{self.cluster.connection_string()},{OPTIONS}"
 
     def inject(
@@ -73,7 +76,7 @@ class TopologyChaos:
         if self.sentinel is not None:
             self._sentinel_fault(self.sentinel, kind, duration, later, now)
         elif self.cluster is not None:
-            self._cluster_fault(self.cluster, kind, duration, later, now)
+            self._cluster_fault(self.cluster, kind, rng, duration, later, now)
 
     def _sentinel_fault(
         self, topology: SentinelTopology, kind: str, duration: float, later: Later, now: float
@@ -97,7 +100,13 @@ class TopologyChaos:
         later(0.0, lambda: None, kind, now)
 
     def _cluster_fault(
-        self, topology: ClusterTopology, kind: str, duration: float, later: Later, now: float
+        self,
+        topology: ClusterTopology,
+        kind: str,
+        rng: random.Random,
+        duration: float,
+        later: Later,
+        now: float,
     ) -> None:
         owner = topology.owner(self.slot)
         if kind == "move_slot":
@@ -115,6 +124,24 @@ class TopologyChaos:
                 now,
             )
             return
+        elif kind in ("move_value_slot", "kill9_value_owner"):
+            # A primary that serves values but not the channel, and one of its values' slots.
+            others = [p for p in topology.primaries() if p is not owner]
+            node = rng.choice(others)
+            with topology.node_client(node) as client:
+                key = client.randomkey()
+            if key is None:
+                later(0.0, lambda: None, kind, now)
+                return
+            slot = key_slot(key)
+            if kind == "move_value_slot":
+                topology.move_slot(
+                    slot, rng.choice([p for p in topology.primaries() if p is not node])
+                )
+            else:
+                topology.kill(node)
+                later(duration, lambda: topology.wait_owner_changed(slot, node), kind, now)
+                return
         elif kind == "reset_owner":
             with topology.node_client(owner) as client:
                 client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")

@@ -65,3 +65,35 @@ def test_short_chaos_run_on_sentinel_and_cluster_has_no_stale_read(
     assert set(report.faults) == set(faults)
     assert report.reads > 1000
     assert report.writes > 50
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("topology", "propagate"), [("sentinel", "update"), ("cluster", "invalidate")]
+)
+def test_short_chaos_run_with_l2_on_sentinel_and_cluster_has_no_stale_read(
+    redis_binary: str, topology: str, propagate: str
+) -> None:
+    """The topology faults with the shared L2 (and, on Sentinel, value-carrying writes); on a
+    cluster also the slots of values moved and their owners killed: no stale read from L1, L2
+    or an update message past the bound."""
+    from tests.chaos_topologies import CLUSTER_L2_FAULTS, SENTINEL_FAULTS
+
+    report = run_chaos(
+        topology=topology,
+        duration=15.0,
+        instances=3,
+        fault_every=1.0,
+        max_staleness=1.0,
+        seed=5,
+        l2=True,
+        propagate=propagate,
+    )
+    print(report.render())
+    assert report.stale_reads == 0, report.stale_examples
+    assert report.instances_connected_at_end == 3
+    assert report.sharing["l2_hits"] > 0
+    assert report.faults.keys() <= set(
+        SENTINEL_FAULTS if topology == "sentinel" else CLUSTER_L2_FAULTS
+    )
+    assert report.writes > 50

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Process:
     """A cache with the L2 in its own process (``tests/l2_process.py``); calls may overlap."""
 
-    def __init__(self, server: RedisServer, channel: str, loads: Path, driver: str, **opts: Any):
+    def __init__(self, connection: str, channel: str, loads: Path, driver: str, **opts: Any):
         args = [sys.executable, "-m", "tests.l2_process", "--driver", driver]
-        args += ["--connection", server.url, "--channel", channel, "--loads", str(loads)]
+        args += ["--connection", connection, "--channel", channel, "--loads", str(loads)]
         for name, value in opts.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self._proc = subprocess.Popen(
@@ -121,7 +121,7 @@ class Fleet:
         self.processes: list[Process] = []
 
     def spawn(self, **opts: Any) -> Process:
-        process = Process(self.server, self.channel, self.loads, self.driver, **opts)
+        process = Process(self.server.url, self.channel, self.loads, self.driver, **opts)
         self.processes.append(process)
         return process
 

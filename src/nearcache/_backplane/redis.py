@@ -249,6 +249,16 @@ class RedisBackplaneBase:
         """The replay log position this subscriber has applied (``Cursor.position``)."""
         return self._cursor.position()
 
+    @property
+    def placement(self) -> Placement | None:
+        """Where the subscription is while it is up (the L2's reads follow it), else None."""
+        return self._placement if self._state is BackplaneState.CONNECTED else None
+
+    @property
+    def sentinels(self) -> Any:
+        """The Sentinel resolver (the L2's publishes share it), or None."""
+        return getattr(self, "_sentinels", None)
+
     def _set_state(self, state: BackplaneState, reason: str | None = None) -> None:
         if state is BackplaneState.CONNECTED:
             self._connected_once = True

@@ -31,10 +31,18 @@ Record::
 The tags are written by the scripts, outside the signature (Redis, not the writer, knows
 them); the signature covers what a reader must trust: serializer, region, key and value.
 
-Cluster note: every script here touches one slot, except that ``READ_SCRIPT``,
-``FILL_SCRIPT`` and ``PUBLISH_SCRIPT`` read the generations in the channel's slot. On a
-cluster they split: generations read in a pipeline before the value-slot step, and the write
-path ordered channel-slot check, value-slot delete, publish, value-slot conditional set.
+Topologies. On a standalone server every script runs where everything is. With Sentinel the
+same scripts run on the primary, and the tags carry the *reign* (the primary's replication id
+and the Sentinel epoch): a failover, which may lose what was not replicated, makes every
+older value and lease unusable, and the conflict check does not trust a log position taken
+before the reign began. On a Redis Cluster the generations and the log live in the channel's
+slot and each value in its own, so the scripts split: a read asks the channel's slot for the
+generations (``GENS_SCRIPT``) and then the value's (``VREAD_SCRIPT``); a write marks its keys
+as being written and deletes their values (``PREPARE_SCRIPT``), publishes with the conflict
+check on the channel's slot (``PUBLISH_SCRIPT`` in split mode, which returns the tags), and
+then stores each value only if no other write of the key overlapped it
+(``COMMIT_SCRIPT``). Each node's replication id is part of the tags there too. The argument
+is in docs/guarantees.md, the bytes in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -61,28 +69,45 @@ from nearcache._exceptions import ConfigurationError, MessageError
 from nearcache._typing import Serializer
 
 __all__ = [
+    "COMMIT_SCRIPT",
     "FILL_SCRIPT",
+    "GENS_SCRIPT",
+    "PREPARE_SCRIPT",
     "PUBLISH_SCRIPT",
     "READ_SCRIPT",
     "RELEASE_SCRIPT",
     "SCAN_LIMIT",
+    "SHARDED_PUBLISH_SCRIPT",
+    "VFILL_SCRIPT",
+    "VREAD_SCRIPT",
+    "WRITE_MARK_TTL",
     "L2Options",
     "LeaseWait",
     "MessagePlan",
     "ReadResult",
+    "commit_call",
     "decode_record",
     "encode_payload",
     "fill_call",
     "generation_keys",
+    "gens_call",
     "key_encoding",
     "new_token",
     "oldest",
     "parse_read",
+    "prepare_call",
     "publish_call",
     "read_call",
     "region_field",
+    "reign_arg",
+    "reign_key",
     "tagged",
     "value_keys",
+    "value_writes",
+    "vfill_call",
+    "vread_call",
+    "write_token",
+    "writers_key",
 ]
 
 PAYLOAD_MAGIC = b"NV"
@@ -203,6 +228,26 @@ def generation_keys(channel: str) -> tuple[str, str]:
     log_key, _ = log_keys(channel)
     base = log_key.removesuffix(":log")
     return f"{base}:gen", f"{base}:rgen"
+
+
+def reign_key(channel: str) -> str:
+    """Where the publish script records the reign it last saw and the log entry it began
+    after (Sentinel and Cluster only), beside the generations."""
+    log_key, _ = log_keys(channel)
+    return log_key.removesuffix(":log") + ":reign"
+
+
+def writers_key(value_key: str) -> str:
+    """The marks of the writes of a key under way (Redis Cluster only), beside its value."""
+    return f"{value_key}:writers"
+
+
+def reign_arg(kind: Literal["standalone", "sentinel", "cluster"], epoch: int | None = None) -> str:
+    """The scripts' reign argument: '' on a standalone server (no suffix), ``:<epoch>`` with
+    Sentinel (the configuration epoch of the primary's reign), ``:c`` on a cluster."""
+    if kind == "standalone":
+        return ""
+    return f":{epoch or 0}" if kind == "sentinel" else ":c"
 
 
 def region_field(region: Region) -> bytes:
@@ -349,14 +394,38 @@ def decode_record(
 
 # -- reads and fills ----------------------------------------------------------------------
 
+# The reign suffix of the tags (a Lua function every script below starts with). ARGV reign
+# '' (a standalone server): no suffix. Otherwise '@' + this node's replication id + the
+# argument (':<Sentinel epoch>' with Sentinel, ':c' on a cluster): a promoted replica gets a
+# new replication id, a primary promoted again gets a new Sentinel epoch, so values written
+# before a failover (which may have lost writes that were not replicated) never match again.
+# nil when INFO is not permitted: the reign is unknown and nothing may be trusted.
+REIGN_LUA = """
+local function reign(arg)
+  if arg == '' then return '' end
+  local ok, info = pcall(redis.call, 'INFO', 'replication')
+  local id = ok and type(info) == 'string' and string.match(info, 'master_replid:(%w+)')
+  if not id then return nil end
+  return '@' .. id .. arg
+end
+"""
+NO_REIGN = "return redis.error_reply('NOREIGN nearcache L2: INFO replication is not permitted')"
+
 # KEYS[1] value, KEYS[2] lease, KEYS[3] cache generation, KEYS[4] region generations.
 # ARGV[1] region field, ARGV[2] lease token ('' = do not take the lease), ARGV[3] lease ttl ms,
-# ARGV[4] random hex for a generation found missing.
-# Returns {status, record, pttl, gen, rgen}: status 1 a value (record, its PTTL), 0 no value,
-# 2 no value and the lease is ours, 3 no value and another process holds the lease.
-READ_SCRIPT = """
+# ARGV[4] random hex for a generation found missing, ARGV[5] reign.
+# Returns {status, record, pttl, tag, rgen}: status 1 a value (record, its PTTL), 0 no value,
+# 2 no value and the lease is ours, 3 no value and another process holds the lease; tag is
+# the cache generation with the reign suffix (what a record's first tag must be).
+READ_SCRIPT = (
+    REIGN_LUA
+    + """local sfx = reign(ARGV[5])
+if not sfx then """
+    + NO_REIGN
+    + """ end
 local g = redis.call('GET', KEYS[3])
 if not g then g = '0-0.' .. ARGV[4]; redis.call('SET', KEYS[3], g) end
+g = g .. sfx
 local r = redis.call('HGET', KEYS[4], ARGV[1])
 if not r then r = '0-0.' .. ARGV[4]; redis.call('HSET', KEYS[4], ARGV[1], r) end
 local v = redis.call('GET', KEYS[1])
@@ -366,25 +435,97 @@ if v then
   if string.sub(v, 2, n + 1) == g and string.sub(v, n + 3, n + 2 + m) == r then
     return {1, v, redis.call('PTTL', KEYS[1]), g, r}
   end
-  -- Written under an older generation: a clear made it unreachable for good.
+  -- Written under an older generation or reign: unreachable for good.
   redis.call('DEL', KEYS[1])
 end
 if ARGV[2] == '' then return {0, '', 0, g, r} end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2, '', 0, g, r} end
 return {3, '', 0, g, r}
 """
+)
 
 # KEYS as READ_SCRIPT. ARGV[1] lease token, ARGV[2] payload, ARGV[3] ttl ms, ARGV[4] region
-# field, ARGV[5] and ARGV[6] the generations read when the lease was taken.
+# field, ARGV[5] and ARGV[6] the tags READ_SCRIPT returned with the lease, ARGV[7] reign.
 # Stores the value only if the lease is still ours (a write of the key deletes it) and no
-# clear happened since; returns 1 if stored, else 0. The lease is given up either way.
-FILL_SCRIPT = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+# clear or failover happened since; returns 1 if stored, else 0. The lease is given up either
+# way.
+FILL_SCRIPT = (
+    REIGN_LUA
+    + """if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-if redis.call('GET', KEYS[3]) ~= ARGV[5] then return 0 end
+local sfx = reign(ARGV[7])
+local g = redis.call('GET', KEYS[3])
+if not sfx or not g or g .. sfx ~= ARGV[5] then return 0 end
 if redis.call('HGET', KEYS[4], ARGV[4]) ~= ARGV[6] then return 0 end
 redis.call('SET', KEYS[1],
   string.char(#ARGV[5]) .. ARGV[5] .. string.char(#ARGV[6]) .. ARGV[6] .. ARGV[2],
+  'PX', ARGV[3])
+return 1
+"""
+)
+
+# -- the split read path of a Redis Cluster (see the module docstring) -------------------
+
+# On the channel's slot. KEYS[1] cache generation, KEYS[2] region generations. ARGV[1] region
+# field, ARGV[2] random hex for a generation found missing, ARGV[3] reign.
+# Returns {tag, rgen}: the cache generation with this node's reign suffix, the region's.
+GENS_SCRIPT = (
+    REIGN_LUA
+    + """local sfx = reign(ARGV[3])
+if not sfx then """
+    + NO_REIGN
+    + """ end
+local g = redis.call('GET', KEYS[1])
+if not g then g = '0-0.' .. ARGV[2]; redis.call('SET', KEYS[1], g) end
+local r = redis.call('HGET', KEYS[2], ARGV[1])
+if not r then r = '0-0.' .. ARGV[2]; redis.call('HSET', KEYS[2], ARGV[1], r) end
+return {g .. sfx, r}
+"""
+)
+
+# On the value's slot. KEYS[1] value, KEYS[2] lease, KEYS[3] writers. ARGV[1] and ARGV[2] the
+# tags GENS_SCRIPT returned, ARGV[3] lease token ('' = do not take the lease), ARGV[4] lease
+# ttl ms, ARGV[5] reign. Returns what READ_SCRIPT returns (the tag with this node's reign
+# appended). While a write of the key is under way (marked less than a lease ttl ago) no
+# lease is given: its value comes in a moment.
+VREAD_SCRIPT = (
+    REIGN_LUA
+    + """local sfx = reign(ARGV[5])
+if not sfx then """
+    + NO_REIGN
+    + """ end
+local g, r = ARGV[1] .. sfx, ARGV[2]
+local v = redis.call('GET', KEYS[1])
+if v then
+  local n = string.byte(v, 1) or 0
+  local m = string.byte(v, n + 2) or 0
+  if string.sub(v, 2, n + 1) == g and string.sub(v, n + 3, n + 2 + m) == r then
+    return {1, v, redis.call('PTTL', KEYS[1]), g, r}
+  end
+  redis.call('DEL', KEYS[1])
+end
+if ARGV[3] == '' then return {0, '', 0, g, r} end
+local at = redis.call('HGET', KEYS[3], 'at')
+if at then
+  local t = redis.call('TIME')
+  if t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(at) < tonumber(ARGV[4]) then
+    return {3, '', 0, g, r}
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then return {2, '', 0, g, r} end
+return {3, '', 0, g, r}
+"""
+)
+
+# On the value's slot. KEYS[1] value, KEYS[2] lease. ARGV[1] lease token, ARGV[2] payload,
+# ARGV[3] ttl ms, ARGV[4] and ARGV[5] the tags VREAD_SCRIPT returned with the lease. Stores
+# the value only if the lease is still ours; returns 1 if stored, else 0. A clear or a
+# failover since the read left the tags stale: such a value is never reachable.
+VFILL_SCRIPT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[1],
+  string.char(#ARGV[4]) .. ARGV[4] .. string.char(#ARGV[5]) .. ARGV[5] .. ARGV[2],
   'PX', ARGV[3])
 return 1
 """
@@ -404,13 +545,20 @@ class ReadResult(NamedTuple):
     pttl: float | None  # seconds the value has left in L2 (None: no expiry)
     gen: bytes
     rgen: bytes
+    # The value is current only as of the subscription's confirmations (Sentinel: the node it
+    # came from may have stopped being the primary; see docs/guarantees.md).
+    confirmed_only: bool = False
 
 
 VALUE, NO_VALUE, LEASED, LEASE_HELD = 1, 0, 2, 3
 
 
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
 def read_call(
-    channel: str, region: Region, key: Key, token: str, lease_ttl: float
+    channel: str, region: Region, key: Key, token: str, lease_ttl: float, reign: str = ""
 ) -> tuple[list[str], list[str | bytes | int]]:
     """The KEYS and ARGV of :data:`READ_SCRIPT` (``token`` '' = do not take the lease)."""
     value, lease = value_keys(channel, region, key)
@@ -418,9 +566,32 @@ def read_call(
     return [value, lease, gen, rgen], [
         region_field(region),
         token,
-        max(1, math.ceil(lease_ttl * 1000)),
+        _ms(lease_ttl),
         new_token(),
+        reign,
     ]
+
+
+def gens_call(
+    channel: str, region: Region, reign: str
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The KEYS and ARGV of :data:`GENS_SCRIPT` (a cluster read, on the channel's slot)."""
+    return list(generation_keys(channel)), [region_field(region), new_token(), reign]
+
+
+def vread_call(
+    channel: str,
+    region: Region,
+    key: Key,
+    tags: Sequence[bytes],
+    token: str,
+    lease_ttl: float,
+    reign: str,
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The KEYS and ARGV of :data:`VREAD_SCRIPT` (a cluster read, on the value's slot);
+    ``tags`` is what :data:`GENS_SCRIPT` returned."""
+    value, lease = value_keys(channel, region, key)
+    return [value, lease, writers_key(value)], [tags[0], tags[1], token, _ms(lease_ttl), reign]
 
 
 def parse_read(reply: Sequence[object]) -> ReadResult:
@@ -448,6 +619,7 @@ def fill_call(
     ttl: float,
     gen: bytes,
     rgen: bytes,
+    reign: str = "",
 ) -> tuple[list[str], list[str | bytes | int]]:
     """The KEYS and ARGV of :data:`FILL_SCRIPT`."""
     value, lease = value_keys(channel, region, key)
@@ -455,11 +627,27 @@ def fill_call(
     return [value, lease, gkey, rkey], [
         token,
         payload,
-        max(1, math.ceil(ttl * 1000)),
+        _ms(ttl),
         region_field(region),
         gen,
         rgen,
+        reign,
     ]
+
+
+def vfill_call(
+    channel: str,
+    region: Region,
+    key: Key,
+    token: str,
+    payload: bytes,
+    ttl: float,
+    gen: bytes,
+    rgen: bytes,
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The KEYS and ARGV of :data:`VFILL_SCRIPT` (a cluster fill, on the value's slot)."""
+    value, lease = value_keys(channel, region, key)
+    return [value, lease], [token, payload, _ms(ttl), gen, rgen]
 
 
 class LeaseWait:
@@ -487,24 +675,28 @@ class LeaseWait:
 # The replay log's publish script (nearcache._core.log.PUBLISH_SCRIPT), extended with the L2
 # and the conflict check of value-carrying writes; used when a cache has l2=True or
 # propagate="update". KEYS[1] log, KEYS[2] epoch, KEYS[3] cache generation, KEYS[4] region
-# generations, KEYS[5...] value and lease keys, in pairs. ARGV[1] channel, ARGV[2] max log
-# length, ARGV[3] epoch candidate, ARGV[4] sender id (informative), ARGV[5] and ARGV[6] the
-# log position (epoch, entry id) the writer had applied when its oldest value in this batch
-# was set ('' if none), ARGV[7] scan limit, ARGV[8] random hex for missing generations,
-# ARGV[9] message count, then per message: the message, its fallback ('' if none: the
-# message carries no value), the operation count, and per operation its letter and fields:
+# generations, KEYS[5] reign, KEYS[6...] value and lease keys, in pairs. ARGV[1] channel,
+# ARGV[2] max log length, ARGV[3] epoch candidate, ARGV[4] sender id (informative), ARGV[5]
+# and ARGV[6] the log position (epoch, entry id) the writer had applied when its oldest value
+# in this batch was set ('' if none), ARGV[7] scan limit, ARGV[8] random hex for missing
+# generations, ARGV[9] reign, ARGV[10] '1' in split mode (a Redis Cluster: values live in
+# other slots; their ops name no keys and their tags are returned instead), ARGV[11] message
+# count, then per message: the message, its fallback ('' if none: the message carries no
+# value), the operation count, and per operation its letter and fields:
 #   S  value key index, payload, ttl ms, region field, key encoding   store a value
 #   U  region field, key encoding                                     a value in the message only
 #   D  value key index                                                delete a value
 #   R  region field                                                   clear a region
 #   C                                                                 clear everything
 # A message's values are sent only if nobody (this instance's other callers included) wrote
-# their key, or cleared its region or everything, after that position; otherwise the
-# fallback (the same message with plain invalidations, same sender and sequence) is
-# published and the values are deleted from L2.
-# Returns {epoch, last entry id, receivers of the last publish, messages sent as fallback}.
-PUBLISH_SCRIPT = """
-local epoch = redis.call('GET', KEYS[2])
+# their key, or cleared its region or everything, after that position, and the position was
+# taken in the current reign; otherwise the fallback (the same message with plain
+# invalidations, same sender and sequence) is published and the values are deleted from L2.
+# Returns {epoch, last entry id, receivers of the last publish, messages sent as fallback},
+# followed in split mode by two tags per S operation ('' '' where it fell back).
+PUBLISH_SCRIPT = (
+    REIGN_LUA
+    + """local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   redis.call('SET', KEYS[2], ARGV[3])
   epoch = ARGV[3]
@@ -529,11 +721,32 @@ local function rgen(field)
   if not r then r = '0-0.' .. ARGV[8]; redis.call('HSET', KEYS[4], field, r) end
   return r
 end
+local sfx = reign(ARGV[9])
+local split = ARGV[10] == '1'
+-- Messages logged after the writer's position, its own included (another thread or task of
+-- the same instance may have written the key meanwhile); nil if it cannot tell.
+-- The reign began after the last entry logged before it; entries of an earlier reign may be
+-- missing here (a failover loses what was not replicated): a position taken then cannot show
+-- every write after it. Recorded by every publish, so that the first one of a reign sees it.
+local began = '0-0'
+if sfx and sfx ~= '' then
+  local current = redis.call('GET', KEYS[5])
+  local seen = nil
+  if current then seen, began = string.match(current, '^(.*) (%S+)$') end
+  if seen ~= sfx then
+    local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    began = last[1] and last[1][1] or '0-0'
+    redis.call('SET', KEYS[5], sfx .. ' ' .. began)
+  end
+  redis.call('EXPIRE', KEYS[5], 604800)
+end
 -- Messages logged after the writer's position, its own included (another thread or task of
 -- the same instance may have written the key meanwhile); nil if it cannot tell.
 local others = nil
 local limit = tonumber(ARGV[7])
-if since_ms and ARGV[5] == epoch then
+local began_ms, began_seq = position(began)
+if sfx and since_ms and ARGV[5] == epoch and began_ms
+    and (since_ms > began_ms or (since_ms == began_ms and since_seq > began_seq)) then
   local entries = redis.call('XRANGE', KEYS[1], ARGV[6], '+', 'COUNT', limit + 1)
   if #entries > 0 and entries[1][1] == ARGV[6] and #entries <= limit then
     others = {}
@@ -553,8 +766,8 @@ local function conflict(field, key)
 end
 -- First pass, before anything is written: which messages must fall back.
 local fallback = {}
-local a = 10
-for n = 1, tonumber(ARGV[9]) do
+local a = 12
+for n = 1, tonumber(ARGV[11]) do
   local count = tonumber(ARGV[a + 2])
   a = a + 3
   for _ = 1, count do
@@ -574,8 +787,9 @@ for n = 1, tonumber(ARGV[9]) do
 end
 local head = 'NL' .. string.char(#epoch) .. epoch
 local id, receivers, fell_back = '', 0, 0
-a = 10
-for n = 1, tonumber(ARGV[9]) do
+local tags = {}
+a = 12
+for n = 1, tonumber(ARGV[11]) do
   local message, alternative, count = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
   if fallback[n] then
@@ -588,20 +802,30 @@ for n = 1, tonumber(ARGV[9]) do
     local op = ARGV[a]
     if op == 'S' then
       local k = tonumber(ARGV[a + 1])
-      if fallback[n] then
-        redis.call('DEL', KEYS[k])
+      if split then
+        if fallback[n] then
+          tags[#tags + 1] = ''
+          tags[#tags + 1] = ''
+        else
+          tags[#tags + 1] = gen() .. sfx
+          tags[#tags + 1] = rgen(ARGV[a + 4])
+        end
+      elseif fallback[n] then
+        redis.call('DEL', KEYS[k], KEYS[k + 1])
       else
-        local g, r = gen(), rgen(ARGV[a + 4])
+        local g, r = gen() .. sfx, rgen(ARGV[a + 4])
         redis.call('SET', KEYS[k], string.char(#g) .. g .. string.char(#r) .. r .. ARGV[a + 2],
           'PX', ARGV[a + 3])
+        redis.call('DEL', KEYS[k + 1])
       end
-      redis.call('DEL', KEYS[k + 1])
       a = a + 6
     elseif op == 'U' then
       a = a + 3
     elseif op == 'D' then
-      local k = tonumber(ARGV[a + 1])
-      redis.call('DEL', KEYS[k], KEYS[k + 1])
+      if not split then
+        local k = tonumber(ARGV[a + 1])
+        redis.call('DEL', KEYS[k], KEYS[k + 1])
+      end
       a = a + 2
     elseif op == 'R' then
       redis.call('HSET', KEYS[4], ARGV[a + 1], id)
@@ -614,8 +838,72 @@ for n = 1, tonumber(ARGV[9]) do
 end
 redis.call('EXPIRE', KEYS[1], 604800)
 redis.call('EXPIRE', KEYS[2], 604800)
-return {epoch, id, receivers, fell_back}
+local reply = {epoch, id, receivers, fell_back}
+for _, tag in ipairs(tags) do reply[#reply + 1] = tag end
+return reply
 """
+)
+# The same on a Redis Cluster's shard channel (SPUBLISH), as the log's publish script.
+SHARDED_PUBLISH_SCRIPT = PUBLISH_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+
+# -- the split write path of a Redis Cluster (see the module docstring) ------------------
+
+# On the value's slot, before the publish. KEYS[1] value, KEYS[2] lease, KEYS[3] writers.
+# ARGV[1] the writer's token (one per batch, the same on a retry), ARGV[2] the mark's ttl ms,
+# ARGV[3] reign. Deletes the value and any lease, and marks the key as being written by this
+# token: 'u' if no other write of the key is marked, else every mark present becomes 'c'
+# (contended: none of them may store its value); the mark carries this node's reign, so that
+# a write prepared before a failover never stores after it. 'at' is when the key was last
+# marked (ms, this node's clock).
+PREPARE_SCRIPT = (
+    REIGN_LUA
+    + """local sfx = reign(ARGV[3]) or '?'
+redis.call('DEL', KEYS[1], KEYS[2])
+local marks = redis.call('HGETALL', KEYS[3])
+local contended = false
+for i = 1, #marks, 2 do
+  if marks[i] ~= 'at' and (marks[i] ~= ARGV[1] or string.sub(marks[i + 1], 1, 1) == 'c') then
+    contended = true
+  end
+end
+for i = 1, #marks, 2 do
+  if contended and marks[i] ~= 'at' and marks[i] ~= ARGV[1] then
+    redis.call('HSET', KEYS[3], marks[i], 'c')
+  end
+end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[3], ARGV[1], (contended and 'c' or 'u') .. sfx,
+  'at', t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+)
+
+# On the value's slot, after the publish. KEYS as PREPARE_SCRIPT. ARGV[1] the writer's token,
+# ARGV[2] 'S' to store the value, 'D' to leave the key empty, ARGV[3] payload, ARGV[4] ttl ms,
+# ARGV[5] and ARGV[6] the tags the publish returned, ARGV[7] reign. Removes the mark; stores
+# the value only if the mark is still there, uncontended and of this reign (no other write of
+# the key was marked between this write's prepare and now, none was under way at its
+# prepare, and no failover came between); otherwise deletes the value. Returns 1 if stored,
+# else 0.
+COMMIT_SCRIPT = (
+    REIGN_LUA
+    + """local mark = redis.call('HGET', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HLEN', KEYS[3]) <= 1 then redis.call('DEL', KEYS[3]) end
+local sfx = reign(ARGV[7])
+if ARGV[2] == 'S' and sfx and mark == 'u' .. sfx then
+  local g, r = ARGV[5] .. sfx, ARGV[6]
+  redis.call('SET', KEYS[1], string.char(#g) .. g .. string.char(#r) .. r .. ARGV[3],
+    'PX', ARGV[4])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+)
+WRITE_MARK_TTL = 60.0  # seconds a write's mark outlives a writer that died between steps
 
 
 class StoreValue(NamedTuple):
@@ -669,12 +957,16 @@ def publish_call(
     since: tuple[bytes, str] | None,
     plans: Sequence[MessagePlan],
     epoch_candidate: str,
+    reign: str = "",
+    split: bool = False,
 ) -> tuple[list[str], list[str | bytes | int]]:
     """The KEYS and ARGV of :data:`PUBLISH_SCRIPT` for a batch. ``since`` is the log position
-    (epoch, entry id) this instance had applied when the batch's oldest value was set."""
+    (epoch, entry id) this instance had applied when the batch's oldest value was set. In
+    ``split`` mode (a Redis Cluster) no value key is named and no payload sent: the values
+    are prepared and committed on their own slots (:func:`value_writes`)."""
     log_key, epoch_key = log_keys(channel)
     gen, rgen = generation_keys(channel)
-    keys: list[str] = [log_key, epoch_key, gen, rgen]
+    keys: list[str] = [log_key, epoch_key, gen, rgen, reign_key(channel)]
     since_epoch, since_id = since if since is not None else (b"", "")
     args: list[str | bytes | int] = [
         channel,
@@ -685,28 +977,70 @@ def publish_call(
         since_id,
         SCAN_LIMIT,
         new_token(),
+        reign,
+        "1" if split else "",
         len(plans),
     ]
     for plan in plans:
         args += (plan.message, plan.fallback, len(plan.operations))
         for op in plan.operations:
             if isinstance(op, StoreValue):
-                keys += value_keys(channel, op.region, op.key)
+                if not split:
+                    keys += value_keys(channel, op.region, op.key)
                 args += (
                     "S",
-                    len(keys) - 1,
-                    op.payload,
-                    max(1, math.ceil(op.ttl * 1000)),
+                    0 if split else len(keys) - 1,
+                    b"" if split else op.payload,
+                    _ms(op.ttl),
                     region_field(op.region),
                     key_encoding(op.key),
                 )
             elif isinstance(op, CheckValue):
                 args += ("U", region_field(op.region), key_encoding(op.key))
             elif isinstance(op, DeleteValue):
-                keys += value_keys(channel, op.region, op.key)
-                args += ("D", len(keys) - 1)
+                if not split:
+                    keys += value_keys(channel, op.region, op.key)
+                args += ("D", 0 if split else len(keys) - 1)
             elif isinstance(op, ClearRegion):
                 args += ("R", region_field(op.region))
             else:
                 args += ("C",)
     return keys, args
+
+
+def value_writes(plans: Sequence[MessagePlan]) -> list[StoreValue | DeleteValue]:
+    """The value operations of a batch, in order: what a cluster writer prepares before the
+    publish and commits after it (the publish returns two tags per :class:`StoreValue`)."""
+    return [
+        op for plan in plans for op in plan.operations if isinstance(op, StoreValue | DeleteValue)
+    ]
+
+
+def write_token(plans: Sequence[MessagePlan]) -> str:
+    """The token a cluster writer marks its keys with: one per batch, the same on every
+    retry (derived from its first message, which names the sender and the sequence)."""
+    return hashlib.blake2b(plans[0].message, digest_size=8, person=_DIGEST_PERSON).hexdigest()
+
+
+def prepare_call(
+    channel: str, op: StoreValue | DeleteValue, token: str, reign: str
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The KEYS and ARGV of :data:`PREPARE_SCRIPT` for one value of a batch."""
+    value, lease = value_keys(channel, op.region, op.key)
+    return [value, lease, writers_key(value)], [token, _ms(WRITE_MARK_TTL), reign]
+
+
+def commit_call(
+    channel: str,
+    op: StoreValue | DeleteValue,
+    token: str,
+    tags: tuple[bytes, bytes] | None,
+    reign: str,
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The KEYS and ARGV of :data:`COMMIT_SCRIPT` for one value of a batch: stored with the
+    publish's ``tags`` (None, or empty tags: it fell back, or deletes the value)."""
+    value, lease = value_keys(channel, op.region, op.key)
+    keys = [value, lease, writers_key(value)]
+    if isinstance(op, StoreValue) and tags is not None and tags[0]:
+        return keys, [token, "S", op.payload, _ms(op.ttl), tags[0], tags[1], reign]
+    return keys, [token, "D", b"", 0, b"", b"", reign]

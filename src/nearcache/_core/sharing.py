@@ -173,6 +173,9 @@ class Loaded(NamedTuple):
 
     value: object
     ttl_left: float | None = None
+    # Current only as of L1's confirmations, not from the read's start (Sentinel: see
+    # ``ReadResult.confirmed_only``); the driver stores it with ``stored = -inf``.
+    confirmed_only: bool = False
 
 
 Step = Get | Read | Wait | Load | Fill | Release
@@ -452,7 +455,7 @@ class Sharing:
                     stats.loads += 1
                     return Loaded((yield Load()))
                 stats.l2_hits += 1
-                return Loaded(value, got.pttl)
+                return Loaded(value, got.pttl, got.confirmed_only)
             if looking:
                 stats.l2_misses += 1
                 return Loaded((yield Load()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
@@ -153,6 +154,8 @@ class AsyncNearCache(CacheCommon):
                     clock=clock,
                     log_length=self._options.replay_log,
                     usable=self._l2_usable,
+                    backplane=self._backplane,
+                    current=self._l2_current,
                 )
         self._core = CacheCore(
             self._options,
@@ -604,6 +607,8 @@ class AsyncNearCache(CacheCommon):
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)
+        if loaded.confirmed_only:
+            reservation.started = -math.inf
         return loaded.value, ttl
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -172,13 +173,6 @@ class CacheCommon:
             connection=connection is not None,
             custom=backplane is not None,
         )
-        if self._settings is not None and self._settings.sentinel and (l2 or propagate == "update"):
-            # The L2's clients and scripts talk to one server; they do not follow a primary.
-            raise ConfigurationError(
-                "l2=True and propagate='update' need a standalone Redis; with Sentinel "
-                "(serviceName) only invalidations are supported",
-                option="l2" if l2 else "propagate",
-            )
         self._abort_connect = (
             abort_connect
             if abort_connect is not None
@@ -304,6 +298,11 @@ class CacheCommon:
         """L2 is tried only while the backplane is up: a down Redis costs no timeout."""
         backplane = self._backplane
         return backplane is not None and backplane.state is BackplaneState.CONNECTED
+
+    def _l2_current(self) -> bool:
+        """Whether L1's confirmations are fresh now (a value current only as of them may be
+        served: see ``Loaded.confirmed_only``)."""
+        return bool(self._core.store.is_fresh(-math.inf, self._clock()))
 
     def _log_position(self) -> tuple[bytes, str] | None:
         position = getattr(self._backplane, "log_position", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -225,6 +226,8 @@ class NearCache(CacheCommon):
                 clock=self._clock,
                 log_length=options.replay_log,
                 usable=self._l2_usable,
+                backplane=self._backplane,
+                current=self._l2_current,
             )
 
     def _start_backplane(self, *, in_child: bool = False) -> None:
@@ -661,7 +664,8 @@ class NearCache(CacheCommon):
         reservation: Reservation,
     ) -> tuple[T, float | None]:
         """The read path after a miss: L2, lease, factory, fill. A value from L2 lives in L1
-        no longer than it had left in L2."""
+        no longer than it had left in L2, and one current only as of L1's confirmations is
+        stored as such."""
         assert self._l2 is not None
         loaded = self._l2.load(
             key,  # type: ignore[arg-type]
@@ -673,6 +677,8 @@ class NearCache(CacheCommon):
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)
+        if loaded.confirmed_only:
+            reservation.started = -math.inf
         return loaded.value, ttl  # type: ignore[return-value]
 
     def _serialize(self, key: Hashable, value: object, region: str | None) -> bytes | None:

@@ -1,5 +1,19 @@
 """The L2 for the threaded driver: runs the core's read path (``Sharing.load_flow``) and the
-L2-aware publish script on its own Redis connections.
+L2-aware publish script on its own Redis connections, on every topology.
+
+Where the scripts run (see docs/guarantees.md for why):
+
+- **Reads** go to the node the backplane's subscription is on (``backplane.placement``): the
+  located server, or the primary a majority of the Sentinels names, followed as the
+  subscription follows it. With Sentinel a value read there is used only if the subscription
+  is still on that node after the read and its confirmations are fresh, and is kept in L1 as
+  current only as of the confirmations (``ReadResult.confirmed_only``): the node that
+  answered may have stopped being the primary. On a Redis Cluster a read asks the channel's
+  slot for the generations and then the value's slot (:mod:`nearcache._l2.cluster`).
+- **Writes** are published where the channel lives now (``locate``, again after any failure),
+  with Sentinel counted only once a majority asked after the acknowledgement still names the
+  primary (as the backplane's publishes); on a cluster in three steps: prepare the values'
+  slots, publish on the channel's, commit the values.
 
 Every read-path command has the short ``l2_timeout``; after a failure L2 is skipped for a
 while (``Breaker``), so a Redis that is down costs one timeout, not one per miss. Publishing
@@ -7,7 +21,8 @@ keeps the connection string's timeouts: it is the outbox's delivery, retried unt
 
 An L2 hit whose generations are known here is a plain ``GET`` + ``PTTL`` (:class:`PlainReads`):
 one pipelined request on a connection of its own, parsed with hiredis, about a third of a
-redis-py command's client time and a tenth of the read script's time in Redis.
+redis-py command's client time and a tenth of the read script's time in Redis (not on a
+cluster, where the tags differ from node to node).
 """
 
 from __future__ import annotations
@@ -24,9 +39,15 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] brings it; redis-py parses otherwise
     hiredis = None  # type: ignore[assignment]
 
-from nearcache._backplane.redis import make_client_kwargs, publish_error
+from nearcache._backplane.cluster import locate, node_kwargs
+from nearcache._backplane.redis import (
+    PrimaryMovedError,
+    RedisBackplane,
+    make_client_kwargs,
+    publish_error,
+)
 from nearcache._backplane.wire import Wire, evalsha
-from nearcache._config import RedisSettings
+from nearcache._config import Endpoint, RedisSettings
 from nearcache._core import l2
 from nearcache._core.codec import Key, Region
 from nearcache._core.log import new_epoch
@@ -42,23 +63,61 @@ from nearcache._core.sharing import (
     Wait,
     lookup,
 )
-from nearcache._exceptions import MessageError
+from nearcache._core.topology import Placement
+from nearcache._exceptions import (
+    BackplaneError,
+    BackplaneUnavailableError,
+    ConfigurationError,
+    MessageError,
+)
+from nearcache._l2.cluster import ClusterRouter
 from nearcache._typing import Clock
 
-__all__ = ["PlainReads", "RedisL2", "l2_client_kwargs"]
+__all__ = ["PlainReads", "RedisL2", "l2_client_kwargs", "reign_of"]
 
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError, MessageError)
 if hiredis is not None:
     _ERRORS += (hiredis.HiredisError,)
+_PUBLISH_ERRORS = (redis.RedisError, OSError, BackplaneError, ConfigurationError)
 
 
-def l2_client_kwargs(settings: RedisSettings, timeout: float) -> dict[str, Any]:
-    """Client arguments for the read path: the connection string's, with ``timeout`` as the
-    command and connect timeout (never longer than the string's own)."""
-    kwargs = make_client_kwargs(settings)
+def l2_client_kwargs(
+    settings: RedisSettings, timeout: float, endpoint: Endpoint | None = None
+) -> dict[str, Any]:
+    """Client arguments for the read path on ``endpoint`` (default: the connection string's
+    first): the connection string's, with ``timeout`` as the command and connect timeout
+    (never longer than the string's own)."""
+    kwargs = (
+        node_kwargs(settings, endpoint) if endpoint is not None else make_client_kwargs(settings)
+    )
     kwargs["socket_timeout"] = min(timeout, kwargs.get("socket_timeout") or timeout)
     kwargs["socket_connect_timeout"] = min(timeout, kwargs.get("socket_connect_timeout") or timeout)
     return kwargs
+
+
+def reign_of(placement: Placement) -> str:
+    """The scripts' reign argument where ``placement`` is (see :func:`l2.reign_arg`)."""
+    if placement.sharded:
+        return l2.reign_arg("cluster")
+    if placement.claim is not None:
+        return l2.reign_arg("sentinel", placement.claim.epoch)
+    return l2.reign_arg("standalone")
+
+
+class _Node:
+    """A client of one node, the scripts registered on it and its plain reads."""
+
+    def __init__(self, endpoint: Endpoint | None, kwargs: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.client = redis.Redis(**kwargs)
+        self.plain = PlainReads(self.client.connection_pool)
+        self._scripts: dict[str, Any] = {}
+
+    def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return script(keys=keys, args=args)
 
 
 class PlainReads:
@@ -132,6 +191,8 @@ class RedisL2:
         clock: Clock,
         log_length: int,
         usable: Callable[[], bool],
+        backplane: RedisBackplane,
+        current: Callable[[], bool],
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -139,24 +200,53 @@ class RedisL2:
         self._clock = clock
         self._log_length = log_length
         self._usable = usable
+        self._backplane = backplane
+        self._current = current  # L1's confirmations are fresh now
         options = sharing.options
         # Reads go through L2 only with l2=True (propagate="update" alone only publishes here).
         self.reads = sharing.l2
         self._lease_ttl = options.l2_lease_ttl
-        self._client = redis.Redis(**l2_client_kwargs(settings, options.l2_timeout))
-        self._publisher = redis.Redis(**make_client_kwargs(settings))
-        self._plain = PlainReads(self._client.connection_pool)
-        self._read_script = self._client.register_script(l2.READ_SCRIPT)
-        self._fill_script = self._client.register_script(l2.FILL_SCRIPT)
-        self._release_script = self._client.register_script(l2.RELEASE_SCRIPT)
-        # Publishing: a Wire of its own (one connection, the script loaded on it), so that a
-        # caller can write a batch itself without blocking, as without the L2.
-        self._wire = Wire(
-            self._publisher.connection_pool, channel, log_length, script=l2.PUBLISH_SCRIPT
-        )
+        self._timeout = options.l2_timeout
+        self._reader: _Node | None = None  # on the subscription's node
+        self._publisher: _Node | None = None  # on the node the last publish went to
+        self._publish_placement: Placement | None = None  # None: locate before publishing
+        # The publishing connection on the publisher's node: a caller may write a batch on it
+        # itself, without blocking (not on a cluster, where a write takes three steps).
+        self._wire: Wire | None = None
+        self._written: Placement | None = None  # where a caller's write_nowait went
+        self._probes: set[redis.Redis] = set()
+        self._read_router: ClusterRouter | None = None
+        self._write_router: ClusterRouter | None = None
         self._breaker = Breaker()
         self._breaker_lock = threading.Lock()
+        self._nodes_lock = threading.Lock()
         self._closed = False
+
+    def _read_node(self, placement: Placement) -> _Node:
+        with self._nodes_lock:
+            node = self._reader
+            if node is None or node.endpoint != placement.endpoint:
+                if node is not None:
+                    node.plain.closed = True
+                    node.client.close()  # a read still on it fails: counted, as any L2 error
+                kwargs = l2_client_kwargs(self._settings, self._timeout, placement.endpoint)
+                node = self._reader = _Node(placement.endpoint, kwargs)
+            return node
+
+    def _router(self, *, write: bool) -> ClusterRouter:
+        with self._nodes_lock:
+            router = self._write_router if write else self._read_router
+            if router is None:
+                settings, timeout = self._settings, self._timeout
+                if write:
+                    router = self._write_router = ClusterRouter(
+                        settings, lambda e: node_kwargs(settings, e)
+                    )
+                else:
+                    router = self._read_router = ClusterRouter(
+                        settings, lambda e: l2_client_kwargs(settings, timeout, e)
+                    )
+            return router
 
     # -- the read path ----------------------------------------------------------------------
 
@@ -172,13 +262,10 @@ class RedisL2:
         """Run the read path for one missed key: L2, lease, wait, factory, fill.
         ``reservation``: the load's claim in L1, lowered to what a plain read is current as
         of (see :class:`~nearcache._core.sharing.Get`)."""
+        placement = self._backplane.placement
+        plain = reservation is not None and placement is not None and not placement.sharded
         flow = self._sharing.load_flow(
-            key,
-            region,
-            l2.new_token(),
-            ttl,
-            plain=reservation is not None,
-            looking=factory is lookup,
+            key, region, l2.new_token(), ttl, plain=plain, looking=factory is lookup
         )
         send: Any = None
         error: BaseException | None = None
@@ -206,55 +293,118 @@ class RedisL2:
             elif type(step) is Fill:
                 send = self._fill(key, region, step)
             elif type(step) is Release:
-                self._run(self._release_script, [l2.value_keys(self._channel, region, key)[1]], [
-                    step.token
-                ])  # fmt: skip
+                self._release(key, region, step.token)
 
     def _get(self, key: Key, region: Region) -> tuple[bytes | None, int] | None:
         if self._closed or not self._usable() or not self._breaker.available(self._clock()):
             return None
+        placement = self._backplane.placement
+        if placement is None or placement.sharded:
+            return None
         try:
-            found = self._plain.get(l2.value_keys(self._channel, region, key)[0])
+            found = self._read_node(placement).plain.get(
+                l2.value_keys(placement.channel, region, key)[0]
+            )
         except _ERRORS:
             self._failed()
             return None
         self._breaker.succeeded()
+        if placement.claim is not None and self._backplane.placement is not placement:
+            return None  # Sentinel: the subscription left that node meanwhile (see _read)
         return found
 
     def _read(self, key: Key, region: Region, token: str) -> l2.ReadResult | None:
         if not self._usable() or not self._breaker.available(self._clock()):
             return None
-        keys, args = l2.read_call(self._channel, region, key, token, self._lease_ttl)
-        reply = self._run(self._read_script, keys, args)
+        placement = self._backplane.placement
+        if placement is None:
+            return None
+        reign = reign_of(placement)
+        if placement.sharded:
+            reply = self._cluster_read(placement.channel, region, key, token, reign)
+        else:
+            keys, args = l2.read_call(placement.channel, region, key, token, self._lease_ttl, reign)
+            reply = self._run(self._read_node(placement), l2.READ_SCRIPT, keys, args)
         if reply is None:
             return None
         try:
-            return l2.parse_read(reply)
+            result = l2.parse_read(reply)
         except MessageError:
             self._failed()
             return None
+        if placement.claim is not None and result.status == l2.VALUE:
+            # Sentinel: the node may no longer be the primary. Only a subscription still on it,
+            # whose confirmations (each checked with a majority) are fresh, vouches for the
+            # value, and only as of those confirmations.
+            if self._backplane.placement is not placement or not self._current():
+                return None
+            result = result._replace(confirmed_only=True)
+        return result
+
+    def _cluster_read(self, channel: str, region: Region, key: Key, token: str, reign: str) -> Any:
+        """The generations from the channel's slot, then the value's slot."""
+        router = self._router(write=False)
+        keys, args = l2.gens_call(channel, region, reign)
+        tags = self._run(router, l2.GENS_SCRIPT, keys, args)
+        if tags is None:
+            return None
+        keys, args = l2.vread_call(channel, region, key, tags, token, self._lease_ttl, reign)
+        return self._run(router, l2.VREAD_SCRIPT, keys, args)
 
     def _fill(self, key: Key, region: Region, step: Fill) -> bool | None:
-        keys, args = l2.fill_call(
-            self._channel, region, key, step.token, step.payload, step.ttl, step.gen, step.rgen
-        )
-        reply = self._run(self._fill_script, keys, args)
+        placement = self._backplane.placement
+        if placement is None:
+            return None
+        if placement.sharded:
+            keys, args = l2.vfill_call(
+                placement.channel,
+                region,
+                key,
+                step.token,
+                step.payload,
+                step.ttl,
+                step.gen,
+                step.rgen,
+            )
+            reply = self._run(self._router(write=False), l2.VFILL_SCRIPT, keys, args)
+        else:
+            keys, args = l2.fill_call(
+                placement.channel,
+                region,
+                key,
+                step.token,
+                step.payload,
+                step.ttl,
+                step.gen,
+                step.rgen,
+                reign_of(placement),
+            )
+            reply = self._run(self._read_node(placement), l2.FILL_SCRIPT, keys, args)
         return None if reply is None else bool(reply)
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a read-path script; None (counted, breaker opened) if Redis failed. Once
-        closed, None without a command: a load that outlived close() (its fill, its lease
-        release) must not open a connection that nothing would close."""
+    def _release(self, key: Key, region: Region, token: str) -> None:
+        placement = self._backplane.placement
+        if placement is None:
+            return
+        lease = l2.value_keys(placement.channel, region, key)[1]
+        where: Any = self._router(write=False) if placement.sharded else self._read_node(placement)
+        self._run(where, l2.RELEASE_SCRIPT, [lease], [token])
+
+    def _run(self, where: Any, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a read-path script on a node or a cluster router; None (counted, breaker
+        opened) if Redis failed. Once closed, None without a command: a load that outlived
+        close() (its fill, its lease release) must not open a connection that nothing would
+        close."""
         if self._closed:
             return None
         try:
-            reply = script(keys=keys, args=args)
+            reply = where.run(source, keys, args)
         except _ERRORS:
             self._failed()
             return None
         finally:
             if self._closed:  # closed while it ran: close what it may have reopened
-                self._client.close()
+                self._close_clients()
         self._breaker.succeeded()
         return reply
 
@@ -269,51 +419,194 @@ class RedisL2:
         self, plans: Sequence[l2.MessagePlan], since: tuple[bytes, str] | None, sender: bytes
     ) -> int:
         """Publish a batch through the L2-aware script (log, channel, L2 and generations in
-        one atomic step); return the receivers of the last message. Raises BackplaneError."""
+        one atomic step; on a cluster: prepare, publish, commit); return the receivers of the
+        last message. Raises BackplaneError."""
         try:
-            self._wire.publish_request(self._request(plans, since, sender), 1)
-        except (redis.RedisError, OSError) as exc:
-            raise publish_error(exc, self._channel, self._settings.describe()) from exc
-        return self._published()
+            if self._closed:
+                raise BackplaneUnavailableError("the cache is closed")
+            placement = self._publish_placement
+            if placement is None:
+                placement = locate(
+                    self._settings, self._channel, self._backplane.sentinels, self._probes
+                )
+            if placement.sharded:
+                reply = self._cluster_publish(placement, plans, since, sender)
+            else:
+                wire = self._wire_on(placement)
+                wire.publish_request(self._request(wire, placement, plans, since, sender), 1)
+                self._confirm(placement)
+                reply = wire.replies[-1]
+        except _PUBLISH_ERRORS as exc:
+            error = self._publish_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        self._publish_placement = placement
+        return self._published(reply)
 
     @property
     def writable(self) -> bool:
-        """Whether :meth:`write_nowait` may be called now (see ``_backplane/wire.py``)."""
-        return self._wire.ready and not self._closed
+        """Whether :meth:`write_nowait` may be called now (see ``_backplane/wire.py``): the
+        publishing connection is up, with nothing outstanding, on a node located before (not
+        a cluster's)."""
+        wire, placement = self._wire, self._publish_placement
+        return (
+            not self._closed
+            and wire is not None
+            and placement is not None
+            and not placement.sharded
+            and wire.ready
+        )
 
     def write_nowait(
         self, plans: Sequence[l2.MessagePlan], since: tuple[bytes, str] | None, sender: bytes
     ) -> None:
         """Write :meth:`publish`'s request without blocking, from the caller's thread (after
         checking :attr:`writable`); the sender then calls :meth:`complete`."""
-        self._wire.write_request_nowait(self._request(plans, since, sender), 1)
+        wire, placement = self._wire, self._publish_placement
+        assert wire is not None and placement is not None
+        self._written = placement
+        wire.write_request_nowait(self._request(wire, placement, plans, since, sender), 1)
 
     def complete(self) -> int:
         """Finish what :meth:`write_nowait` began and read its reply (in the sender); raises
         as :meth:`publish` does."""
         try:
-            self._wire.complete()
-        except (redis.RedisError, OSError) as exc:
-            raise publish_error(exc, self._channel, self._settings.describe()) from exc
-        return self._published()
+            wire = self._wire
+            if wire is None:
+                raise BackplaneUnavailableError("the publishing connection is closed")
+            wire.complete()
+            if self._written is not None:
+                self._confirm(self._written)
+            reply = wire.replies[-1]
+        except _PUBLISH_ERRORS as exc:
+            error = self._publish_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+        return self._published(reply)
+
+    def _wire_on(self, placement: Placement) -> Wire:
+        """The publishing connection on ``placement``'s node (a new node gets a new one)."""
+        with self._nodes_lock:
+            node, wire = self._publisher, self._wire
+            if node is None or wire is None or node.endpoint != placement.endpoint:
+                if wire is not None:
+                    wire.close()
+                if node is not None:
+                    node.client.close()
+                node = self._publisher = _Node(
+                    placement.endpoint, node_kwargs(self._settings, placement.endpoint)
+                )
+                wire = self._wire = Wire(
+                    node.client.connection_pool,
+                    placement.channel,
+                    self._log_length,
+                    script=l2.PUBLISH_SCRIPT,
+                )
+            return wire
 
     def _request(
-        self, plans: Sequence[l2.MessagePlan], since: tuple[bytes, str] | None, sender: bytes
+        self,
+        wire: Wire,
+        placement: Placement,
+        plans: Sequence[l2.MessagePlan],
+        since: tuple[bytes, str] | None,
+        sender: bytes,
     ) -> bytes:
         keys, args = l2.publish_call(
-            self._channel, self._log_length, sender, since, plans, new_epoch()
+            placement.channel,
+            self._log_length,
+            sender,
+            since,
+            plans,
+            new_epoch(),
+            reign_of(placement),
         )
-        return evalsha(self._wire.sha, keys, args)
+        return evalsha(wire.sha, keys, args)
 
-    def _published(self) -> int:
-        reply = self._wire.replies[-1]
+    def _confirm(self, placement: Placement) -> None:
+        """With Sentinel, as the backplane's publishes: delivered only if a majority asked
+        after the acknowledgement still names this primary; otherwise published again."""
+        sentinels = self._backplane.sentinels
+        if placement.claim is None or sentinels is None:
+            return
+        acknowledged = self._clock()
+        if not sentinels.confirm(placement.claim, acknowledged, self._settings.sync_timeout):
+            raise PrimaryMovedError(
+                f"publish to channel {self._channel!r}: a majority of the Sentinels no longer "
+                f"names {placement.endpoint} the primary; publishing again"
+            )
+
+    def _publish_failed(self, exc: Exception) -> Exception:
+        """Locate again before the next publish; the error to raise."""
+        self._publish_placement = None
+        if isinstance(exc, BackplaneError) and not isinstance(exc, BackplaneUnavailableError):
+            return exc
+        return publish_error(exc, self._channel, self._settings.describe())
+
+    def _published(self, reply: Any) -> int:
         self._sharing.stats.updates_fell_back += int(reply[3])
         return int(reply[2])
+
+    def _cluster_publish(
+        self,
+        placement: Placement,
+        plans: Sequence[l2.MessagePlan],
+        since: tuple[bytes, str] | None,
+        sender: bytes,
+    ) -> Any:
+        """Prepare every value's slot (delete, mark), publish on the channel's slot (the
+        conflict check; the tags come back), commit every value (stored only if no other
+        write of its key overlapped). See docs/guarantees.md."""
+        router = self._router(write=True)
+        channel, reign = placement.channel, reign_of(placement)
+        writes = l2.value_writes(plans)
+        token = l2.write_token(plans)
+        if writes:
+            router.run_all(
+                [(l2.PREPARE_SCRIPT, *l2.prepare_call(channel, op, token, reign)) for op in writes]
+            )
+        keys, args = l2.publish_call(
+            channel, self._log_length, sender, since, plans, new_epoch(), reign, split=True
+        )
+        reply = router.run(l2.SHARDED_PUBLISH_SCRIPT, keys, args)
+        if writes:
+            tags = iter(reply[4:])
+            commits = [
+                (
+                    l2.COMMIT_SCRIPT,
+                    *l2.commit_call(
+                        channel,
+                        op,
+                        token,
+                        (next(tags), next(tags)) if isinstance(op, l2.StoreValue) else None,
+                        reign,
+                    ),
+                )
+                for op in writes
+            ]
+            router.run_all(commits)
+        return reply
+
+    def _close_clients(self) -> None:
+        with self._nodes_lock:
+            nodes = [self._reader, self._publisher]
+            routers = [self._read_router, self._write_router]
+            wire = self._wire
+        if wire is not None:
+            wire.close()
+        for node in nodes:
+            if node is not None:
+                node.plain.closed = True
+                node.client.close()
+        for router in routers:
+            if router is not None:
+                router.close()
+        for probe in list(self._probes):
+            probe.close()
 
     def close(self) -> None:
         """Release the connections."""
         self._closed = True
-        self._plain.closed = True
-        self._wire.close()
-        self._client.close()
-        self._publisher.close()
+        self._close_clients()
