@@ -292,4 +292,5 @@ def test_demo_shows_a_failover(redis_binary: str, topology: str) -> None:
     assert f"step 6/6: failover ({topology})" in out
     assert "every instance subscribed on the new node by itself" in out
     assert re.search(rf"failover \({topology}\): every instance followed in [\d.]+ s", out)
+    assert re.search(r"D warmed from L2: (\d+) of its \1 first reads came from Redis", out)
     assert re.search(r"result: all \d+ checks passed", out)

@@ -97,7 +97,7 @@ def _instance_count(text: str) -> int:
 
 _EPILOG_TOP = """\
 examples:
-  nearcache demo                                   # 3 processes, private Redis, live table
+  nearcache demo                                   # 3+1 processes, private Redis, live table
   nearcache monitor redis://127.0.0.1:6379 --channel shop
   nearcache invalidate redis://127.0.0.1:6379 --channel shop --key 42 --region products
 
@@ -107,11 +107,13 @@ redis://, rediss:// and unix:// URLs. Run "nearcache COMMAND --help" for each co
 
 _EPILOG_DEMO = """\
 what it shows:
-  1. every instance reads product 42 (SQLite once, then L1)
+  1. every instance reads product 42: A from SQLite, the others from the shared L2 (Redis),
+     then each from its own L1
   2. A updates it (SQLite + set/remove + flush): the others drop it; latency measured
-  3. the next read elsewhere returns the new version from SQLite
+  3. the next read elsewhere returns the new version
   4. clear_region("prices")  5. clear()
-  then random reads and updates for --duration seconds, and
+  then random reads and updates for --duration seconds; a late instance joins and warms
+  from the L2 (no SQLite load), and
   6. a Redis outage (SIGKILL, restart on the same port; private Redis only): reads keep
      being served, no L1 entry outlives max_staleness, the backplanes reconnect by themselves.
      With --topology sentinel|cluster: kill -9 of the primary (or of the channel's shard

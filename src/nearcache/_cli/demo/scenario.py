@@ -106,8 +106,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> int:
     reason = None if options.quiet else plain_output_reason()
     if reason is not None:
         out.write(f"nearcache demo: {reason}\n")
-    late = 1 if options.topology == "standalone" else 0  # one joins late (from the L2)
-    names = [chr(ord("A") + i) for i in range(options.instances + late)]
+    names = [chr(ord("A") + i) for i in range(options.instances + 1)]  # the last joins late
     channel = options.channel or f"demo-{secrets.token_hex(3)}"
     board = Board(names, out, live=not options.quiet and reason is None)
     with (
@@ -321,10 +320,7 @@ class _Demo:
         self._clear_region(writer, others)
         self._clear_all(writer)
         self._load()
-        if self.topology is None:
-            self._late_join()
-        else:
-            self.board.note("late join from L2 skipped: the L2 needs a standalone Redis")
+        self._late_join()
         if self.topology is not None:
             self._failover(self.topology, writer, others)
         elif self.private is None:
@@ -344,7 +340,7 @@ class _Demo:
         board.step(f"starting {self.options.instances} instance processes")
         config = {
             "connection": self.connection,
-            "l2": self.topology is None,
+            "l2": True,
             "channel": self.channel,
             "db": str(self.workdir / "catalog.sqlite3"),
             "max_staleness": self.options.max_staleness,
@@ -482,8 +478,7 @@ class _Demo:
         second = self._each(self.instances, "read", region="products", key=HOT_PRODUCT)
         self._each(self.instances, "read", region="prices", key=HOT_PRODUCT)
         names = ", ".join(i.name for i in rest)
-        # Sentinel and Cluster run without the L2 (it needs a standalone Redis).
-        shared = "l2" if self.topology is None else "sqlite"
+        shared = "l2"  # the loader filled the shared L2
         board.check(
             first[0]["source"] == "sqlite"
             and all(r["source"] == shared for r in first[1:])
