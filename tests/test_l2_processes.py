@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -207,3 +207,33 @@ def test_a_load_held_open_across_a_write_is_cached_nowhere(fleet: Fleet, write: 
     c = fleet.spawn()
     expected = "new" if write == "set" else "db"
     assert c.call("get_or_set", key="k", region="r", value="db") == expected
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_restart_from_an_older_snapshot_leaves_no_stale_value_in_l2(
+    redis_factory: Callable[..., RedisServer], channel: str, tmp_path: Path, driver: str
+) -> None:
+    """A standalone Redis killed and restarted from a snapshot older than a flushed write
+    (an RDB, or an AOF with ``appendfsync everysec`` that lost its last second) comes back
+    with the replaced value in L2, and a new run id: every read after it goes to the source
+    (the record's reign, the server's replication id, changed), never to the old value."""
+    server = redis_factory()
+    fleet = Fleet(server, channel, tmp_path, driver)
+    try:
+        a, b = fleet.spawn(), fleet.spawn()
+        assert b.call("get_or_set", key="k", value="v1") == "v1"  # loaded and filled
+        assert fleet.in_l2("k") is not None
+        with redis.Redis(port=server.port) as admin:
+            admin.save()  # the snapshot holds v1
+        a.call("set", key="k", value="v2")  # the source holds v2 from now on
+        a.call("flush")
+        server.kill()
+        server.restart()
+        for process in (a, b):
+            wait_until(lambda p=process: p.call("state") == "connected", 15)
+        assert fleet.in_l2("k") is not None  # the old record is back
+        c = fleet.spawn()
+        assert c.call("get_or_set", key="k", value="v2") == "v2"
+        assert b.call("get_or_set", key="k", value="v2") == "v2"
+    finally:
+        fleet.close()

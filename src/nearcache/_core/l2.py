@@ -31,18 +31,20 @@ Record::
 The tags are written by the scripts, outside the signature (Redis, not the writer, knows
 them); the signature covers what a reader must trust: serializer, region, key and value.
 
-Topologies. On a standalone server every script runs where everything is. With Sentinel the
-same scripts run on the primary, and the tags carry the *reign* (the primary's replication id
-and the Sentinel epoch): a failover, which may lose what was not replicated, makes every
-older value and lease unusable, and the conflict check does not trust a log position taken
-before the reign began. On a Redis Cluster the generations and the log live in the channel's
-slot and each value in its own, so the scripts split: a read asks the channel's slot for the
-generations (``GENS_SCRIPT``) and then the value's (``VREAD_SCRIPT``); a write marks its keys
-as being written and deletes their values (``PREPARE_SCRIPT``), publishes with the conflict
-check on the channel's slot (``PUBLISH_SCRIPT`` in split mode, which returns the tags), and
-then stores each value only if no other write of the key overlapped it
-(``COMMIT_SCRIPT``). Each node's replication id is part of the tags there too. The argument
-is in docs/guarantees.md, the bytes in docs/protocol.md.
+Topologies. On a standalone server every script runs where everything is, and the tags carry
+the *reign* (the server's replication id, new after every restart): a restart from an older
+copy of the data makes every older value and lease unusable, and the conflict check does not
+trust a log position taken before the reign began. With Sentinel the same scripts run on the
+primary, and the reign is the primary's replication id and the Sentinel epoch: a failover,
+which may lose what was not replicated, has the same effect. On a Redis Cluster the
+generations and the log live in the channel's slot and each value in its own, so the scripts
+split: a read asks the channel's slot for the generations (``GENS_SCRIPT``) and then the
+value's (``VREAD_SCRIPT``); a write marks its keys as being written and deletes their values
+(``PREPARE_SCRIPT``), publishes with the conflict check on the channel's slot
+(``PUBLISH_SCRIPT`` in split mode, which returns the tags), and then stores each value only
+if no other write of the key overlapped it (``COMMIT_SCRIPT``). Each node's replication id
+is part of the tags there too. The argument is in docs/guarantees.md, the bytes in
+docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def generation_keys(channel: str) -> tuple[str, str]:
 
 def reign_key(channel: str) -> str:
     """Where the publish script records the reign it last saw and the log entry it began
-    after (Sentinel and Cluster only), beside the generations."""
+    after, beside the generations."""
     log_key, _ = log_keys(channel)
     return log_key.removesuffix(":log") + ":reign"
 
@@ -243,10 +245,13 @@ def writers_key(value_key: str) -> str:
 
 
 def reign_arg(kind: Literal["standalone", "sentinel", "cluster"], epoch: int | None = None) -> str:
-    """The scripts' reign argument: '' on a standalone server (no suffix), ``:<epoch>`` with
-    Sentinel (the configuration epoch of the primary's reign), ``:c`` on a cluster."""
+    """The scripts' reign argument: ``:s`` on a standalone server, ``:<epoch>`` with Sentinel
+    (the configuration epoch of the primary's reign), ``:c`` on a cluster. A standalone server
+    has a reign too: restarted with its data, it may come back with an older copy of it (an
+    RDB snapshot, an AOF that lost its last second) and a new replication id. ('' = no reign
+    remains for scripts run by hand.)"""
     if kind == "standalone":
-        return ""
+        return ":s"
     return f":{epoch or 0}" if kind == "sentinel" else ":c"
 
 
@@ -395,10 +400,11 @@ def decode_record(
 # -- reads and fills ----------------------------------------------------------------------
 
 # The reign suffix of the tags (a Lua function every script below starts with). ARGV reign
-# '' (a standalone server): no suffix. Otherwise '@' + this node's replication id + the
-# argument (':<Sentinel epoch>' with Sentinel, ':c' on a cluster): a promoted replica gets a
-# new replication id, a primary promoted again gets a new Sentinel epoch, so values written
-# before a failover (which may have lost writes that were not replicated) never match again.
+# '' (no reign: scripts run by hand): no suffix. Otherwise '@' + this node's replication id +
+# the argument (':s' standalone, ':<Sentinel epoch>' with Sentinel, ':c' on a cluster): a
+# restarted server and a promoted replica get a new replication id, a primary promoted again
+# gets a new Sentinel epoch, so values written before a restart or a failover (which may have
+# lost acknowledged writes) never match again.
 # nil when INFO is not permitted: the reign is unknown and nothing may be trusted.
 REIGN_LUA = """
 local function reign(arg)
