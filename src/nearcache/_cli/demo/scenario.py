@@ -195,7 +195,7 @@ def _drop_replay_log(connection: str, channel: str) -> None:
 
     from nearcache._backplane.redis import log_keys, make_client_kwargs
     from nearcache._core.codec import channel_name
-    from nearcache._core.l2 import generation_keys, value_keys
+    from nearcache._core.l2 import generation_keys, reign_key, value_keys
 
     settings = _settings(connection)
     wire = channel_name(channel, settings.channel_prefix, settings.database)
@@ -204,7 +204,7 @@ def _drop_replay_log(connection: str, channel: str) -> None:
         contextlib.suppress(redis.RedisError, OSError),
         redis.Redis(**make_client_kwargs(settings)) as client,
     ):
-        client.delete(*log_keys(wire), *generation_keys(wire))
+        client.delete(*log_keys(wire), *generation_keys(wire), reign_key(wire))
         for key in client.scan_iter(values, count=1000):
             client.delete(key)
 
