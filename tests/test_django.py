@@ -398,3 +398,48 @@ def test_a_planted_pickle_in_l2_is_never_loaded(redis_server: RedisServer, chann
         assert b.get("k") is None
     admin.close()
     assert LOADED == [] and b.nearcache.stats().l2_corrupt == 2
+
+
+@pytest.mark.parametrize("lookup", ["get", "has_key", "delete"])
+def test_a_lookup_never_raises_another_callers_failed_load(
+    redis_server: RedisServer, channel: str, lookup: str
+) -> None:
+    """With the L2, a lookup on an L1 miss (get, has_key, delete ...) may wait for another
+    thread's get_or_set of the key in flight; when that caller's default fails, the lookup
+    found nothing (default, False), it does not raise that caller's error, and delete still
+    makes every instance drop the key."""
+    _, b = shared_pair(redis_server, channel)
+    key = b.make_key("k")
+    entered, release = threading.Event(), threading.Event()
+
+    def failing() -> Any:
+        entered.set()
+        release.wait(10)
+        raise RuntimeError("the database is down")
+
+    def load() -> None:
+        with pytest.raises(RuntimeError, match="database is down"):
+            b.get_or_set("k", failing)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert entered.wait(5)
+    results: list[Any] = []
+
+    def look() -> None:
+        try:
+            results.append(getattr(b, lookup)("k"))
+        except Exception as exc:  # the defect: another caller's error
+            results.append(exc)
+
+    sent = b.nearcache.stats().invalidations_sent
+    looker = threading.Thread(target=look)
+    looker.start()
+    flights = b.nearcache._core.flights
+    wait_until(lambda: getattr(flights.joinable(key, None), "wake", None) is not None, 5.0)
+    release.set()
+    loader.join(5)
+    looker.join(5)
+    assert results == [None if lookup == "get" else False]
+    b.nearcache.flush()
+    assert b.nearcache.stats().invalidations_sent == sent + (lookup == "delete")

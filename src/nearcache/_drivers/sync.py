@@ -360,7 +360,11 @@ class NearCache(CacheCommon):
         if joined is not None:  # wait for the load's result
             outcome.done.wait()
             if outcome.error is not None:
-                if type(outcome.error) is Absent and factory is not lookup:
+                if factory is lookup:
+                    # It only looks: another caller's failed load found nothing for it either
+                    # (that caller's error is not this lookup's).
+                    raise Absent from outcome.error
+                if type(outcome.error) is Absent:
                     # It only looked (see nearcache._core.sharing.lookup): load for real.
                     return self.get_or_set(key, factory, region=region, ttl=ttl, sliding=sliding)
                 raise outcome.error
