@@ -401,15 +401,14 @@ def test_a_planted_pickle_in_l2_is_never_loaded(redis_server: RedisServer, chann
 
 
 @pytest.mark.parametrize("lookup", ["get", "has_key", "delete"])
-def test_a_lookup_never_raises_another_callers_failed_load(
+def test_a_lookup_never_waits_for_nor_raises_another_callers_load(
     redis_server: RedisServer, channel: str, lookup: str
 ) -> None:
-    """With the L2, a lookup on an L1 miss (get, has_key, delete ...) may wait for another
-    thread's get_or_set of the key in flight; when that caller's default fails, the lookup
-    found nothing (default, False), it does not raise that caller's error, and delete still
-    makes every instance drop the key."""
+    """With the L2, a lookup on an L1 miss (get, has_key, delete ...) while another thread's
+    get_or_set of the key is loading finds nothing at once (as without the L2): it does not
+    wait for that load, nor raise its error when the default fails, and delete still makes
+    every instance drop the key."""
     _, b = shared_pair(redis_server, channel)
-    key = b.make_key("k")
     entered, release = threading.Event(), threading.Event()
 
     def failing() -> Any:
@@ -424,22 +423,57 @@ def test_a_lookup_never_raises_another_callers_failed_load(
     loader = threading.Thread(target=load)
     loader.start()
     assert entered.wait(5)
-    results: list[Any] = []
-
-    def look() -> None:
-        try:
-            results.append(getattr(b, lookup)("k"))
-        except Exception as exc:  # the defect: another caller's error
-            results.append(exc)
-
     sent = b.nearcache.stats().invalidations_sent
-    looker = threading.Thread(target=look)
-    looker.start()
-    flights = b.nearcache._core.flights
-    wait_until(lambda: getattr(flights.joinable(key, None), "wake", None) is not None, 5.0)
-    release.set()
-    loader.join(5)
-    looker.join(5)
-    assert results == [None if lookup == "get" else False]
+    try:
+        assert getattr(b, lookup)("k") == (None if lookup == "get" else False)
+    finally:
+        release.set()
+        loader.join(5)
     b.nearcache.flush()
     assert b.nearcache.stats().invalidations_sent == sent + (lookup == "delete")
+
+
+def test_a_default_using_add_while_incr_of_its_key_waits_does_not_deadlock(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """With the L2: thread A's get_or_set("k") runs a default that calls add() (which takes
+    the backend's lock); thread B's incr("k") holds that lock and looks "k" up meanwhile. The
+    lookup does not wait for A's load (it would wait for good: A waits for B's lock), so
+    incr finds nothing and both threads finish."""
+    _, b = shared_pair(redis_server, channel)
+    entered, proceed = threading.Event(), threading.Event()
+
+    def default() -> int:
+        entered.set()
+        proceed.wait(10)
+        b.add("other", 1)
+        return 5
+
+    loaded: list[Any] = []
+    loader = threading.Thread(target=lambda: loaded.append(b.get_or_set("k", default)), daemon=True)
+    loader.start()
+    assert entered.wait(5)
+    incremented: list[Any] = []
+
+    def incr() -> None:
+        try:
+            incremented.append(b.incr("k"))
+        except ValueError as exc:
+            incremented.append(exc)
+
+    incrementer = threading.Thread(target=incr, daemon=True)
+    incrementer.start()
+    flights = b.nearcache._core.flights
+    key = b.make_key("k")
+    wait_until(
+        lambda: (
+            not incrementer.is_alive()
+            or getattr(flights.joinable(key, None), "wake", None) is not None
+        ),
+        5.0,
+    )
+    proceed.set()  # A's add() now needs the lock
+    loader.join(5)
+    incrementer.join(5)
+    assert not loader.is_alive() and not incrementer.is_alive(), "deadlocked"
+    assert loaded == [5] and isinstance(incremented[0], ValueError)

@@ -345,6 +345,11 @@ class NearCache(CacheCommon):
             if value is not MISSING:
                 return value  # type: ignore[no-any-return]
             joined = flights.joinable(key, region)
+            if joined is not None and factory is lookup:
+                # A lookup never waits for another caller's load: nothing is cached yet, and
+                # that load's factory may need a lock the lookup is called under (Django's
+                # add, incr and touch), or fail with an error that is not the lookup's.
+                raise Absent
             if joined is not None:
                 if joined.wake is None:
                     joined.wake = _Outcome()
@@ -360,10 +365,6 @@ class NearCache(CacheCommon):
         if joined is not None:  # wait for the load's result
             outcome.done.wait()
             if outcome.error is not None:
-                if factory is lookup:
-                    # It only looks: another caller's failed load found nothing for it either
-                    # (that caller's error is not this lookup's).
-                    raise Absent from outcome.error
                 if type(outcome.error) is Absent:
                     # It only looked (see nearcache._core.sharing.lookup): load for real.
                     return self.get_or_set(key, factory, region=region, ttl=ttl, sliding=sliding)
