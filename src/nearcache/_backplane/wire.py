@@ -29,14 +29,21 @@ import hashlib
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
-from nearcache._core.log import PUBLISH_SCRIPT, SHARDED_PUBLISH_SCRIPT, log_keys, new_epoch
+from nearcache._core.log import (
+    PUBLISH_SCRIPT,
+    REFRESH_EVERY,
+    SHARDED_PUBLISH_SCRIPT,
+    log_keys,
+    new_epoch,
+)
 
-__all__ = ["AsyncWire", "Wire", "evalsha", "request"]
+__all__ = ["AsyncWire", "Requests", "Wire", "evalsha", "request"]
 
 
 def _script(source: str) -> tuple[bytes, bytes]:
@@ -54,31 +61,93 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+class Requests:
+    """One channel's publish requests (RESP bytes) and how many replies each gets: one
+    ``EVALSHA`` of the publish script (the keys and arguments of
+    :func:`~nearcache._core.log.publish_script_call`), or one ``PUBLISH`` per message without
+    the log; the ``SPUBLISH`` forms when ``sharded`` (a Redis Cluster shard channel).
+
+    Everything but the epoch candidate, the refresh flag and the messages is the same in every
+    request, so it is encoded once (building it per request cost more than the rest of the
+    caller's write). The script is asked to refresh the keys' expiry on the first request and
+    then once every :data:`~nearcache._core.log.REFRESH_EVERY` seconds. The epoch candidate is
+    kept until a reply shows that it became the epoch, or until :meth:`lost` (a request whose
+    reply never came may have used it): a candidate never creates an epoch twice, so a
+    publisher that finds the epoch missing again always makes a new one, which subscribers
+    see as a change. ``clock``: monotonic seconds (the refresh's schedule)."""
+
+    def __init__(
+        self,
+        channel: str,
+        log_length: int,
+        sharded: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        name = channel.encode()
+        self._log_length = log_length
+        self._clock = clock
+        self._publish = (b"*3\r\n$8\r\nSPUBLISH\r\n" if sharded else b"*3\r\n$7\r\nPUBLISH\r\n") + (
+            _bulk(name)
+        )
+        self._sha = _SCRIPTS[sharded][0]
+        log_key, epoch_key = (k.encode() for k in log_keys(channel))
+        self._keys = _bulk(log_key) + _bulk(epoch_key) + _bulk(name) + _bulk(b"%d" % log_length)
+        self._refreshed: float | None = None  # when a request last asked for a refresh
+        self.candidate, self._text = b"", ""
+        self._one = b""  # the fixed part of a one-message request (with the candidate)
+        self._new_candidate()
+
+    def build(self, payloads: Sequence[bytes]) -> tuple[bytes, int]:
+        """The request publishing ``payloads`` in order, and how many replies it gets."""
+        if not self._log_length:
+            head = self._publish
+            return b"".join([head + _bulk(p) for p in payloads]), len(payloads)
+        now = self._clock()
+        refreshed = self._refreshed
+        if refreshed is None or now - refreshed >= REFRESH_EVERY:
+            self._refreshed, flag = now, b"$1\r\n1\r\n"
+        else:
+            flag = b"$1\r\n0\r\n"
+        if len(payloads) == 1:
+            payload = payloads[0]
+            return b"%s%s$%d\r\n%s\r\n" % (self._one, flag, len(payload), payload), 1
+        parts = [self._fixed(len(payloads)), flag]
+        parts.extend(_bulk(p) for p in payloads)
+        return b"".join(parts), 1
+
+    def answered(self, replies: list[Any]) -> None:
+        """The replies of the last request were read: a candidate that became the epoch is
+        used up."""
+        last = replies[-1] if self._log_length and replies else None
+        if isinstance(last, list) and last and last[0] in (self.candidate, self._text):
+            self._new_candidate()
+
+    def lost(self) -> None:
+        """The connection dropped: what its last request did is unknown (it may have created
+        the epoch, or been refused), and a new connection may reach a server that lost the
+        keys, so the next request refreshes and carries a new candidate."""
+        self._refreshed = None
+        self._new_candidate()
+
+    def _new_candidate(self) -> None:
+        self._text = new_epoch()  # a client decoding replies returns the epoch as text
+        self.candidate = self._text.encode()
+        self._one = self._fixed(1)
+
+    def _fixed(self, count: int) -> bytes:
+        return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n%s%s" % (
+            9 + count,
+            self._sha,
+            self._keys,
+            _bulk(self.candidate),
+        )
+
+
 def request(
     channel: str, log_length: int, payloads: Sequence[bytes], sharded: bool = False
 ) -> tuple[bytes, int]:
-    """The RESP bytes publishing ``payloads`` in order, and how many replies they get: one
-    ``EVALSHA`` of the publish script (the same keys and arguments as
-    :func:`~nearcache._core.log.publish_script_call`), or one ``PUBLISH`` per message without
-    the log; the ``SPUBLISH`` forms when ``sharded`` (a Redis Cluster shard channel)."""
-    name = channel.encode()
-    if not log_length:
-        head = (b"*3\r\n$8\r\nSPUBLISH\r\n" if sharded else b"*3\r\n$7\r\nPUBLISH\r\n") + _bulk(
-            name
-        )
-        return b"".join(head + _bulk(p) for p in payloads), len(payloads)
-    log_key, epoch_key = (k.encode() for k in log_keys(channel))
-    sha = _SCRIPTS[sharded][0]
-    parts = [
-        b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n" % (8 + len(payloads), sha),
-        _bulk(log_key),
-        _bulk(epoch_key),
-        _bulk(name),
-        _bulk(b"%d" % log_length),
-        _bulk(new_epoch().encode()),
-    ]
-    parts.extend(_bulk(p) for p in payloads)
-    return b"".join(parts), 1
+    """A one-off :meth:`Requests.build` (a fresh candidate, the expiry refreshed)."""
+    return Requests(channel, log_length, sharded).build(payloads)
 
 
 def evalsha(sha: bytes, keys: Sequence[str], args: Sequence[str | bytes | int]) -> bytes:
@@ -110,7 +179,8 @@ class Wire:
     ``pool``: the redis-py connection pool to take the connection from (and to give it back to
     on :meth:`close`). ``script``: another script to load on every new connection (the L2's
     publish script, whose requests its owner builds: :meth:`write_request_nowait`,
-    :meth:`publish_request`; the replies are then in :attr:`replies`)."""
+    :meth:`publish_request`; the replies are then in :attr:`replies`). ``clock``: see
+    :class:`Requests`."""
 
     def __init__(
         self,
@@ -119,6 +189,7 @@ class Wire:
         log_length: int,
         sharded: bool = False,
         script: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._channel = channel
@@ -126,6 +197,7 @@ class Wire:
         self._sharded = sharded
         self._script = _script(script) if script is not None else _SCRIPTS[sharded]
         self.sha = self._script[0]
+        self._requests = Requests(channel, log_length, sharded, clock)
         self.replies: list[Any] = []
         self._conn: Any = None
         self._loaded = False  # the script was loaded on this connection
@@ -142,9 +214,7 @@ class Wire:
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request publishing ``payloads`` without blocking (callers hold the
         driver's lock and checked :attr:`ready`); the sender then calls :meth:`complete`."""
-        self.write_request_nowait(
-            *request(self._channel, self._log_length, payloads, self._sharded)
-        )
+        self.write_request_nowait(*self._requests.build(payloads))
 
     def write_request_nowait(self, data: bytes, expected: int) -> None:
         """:meth:`write_nowait` of a request built by the owner, which gets ``expected``
@@ -183,9 +253,7 @@ class Wire:
 
     def publish(self, payloads: Sequence[bytes]) -> int:
         """In the sender: connect if needed, write the request and read its reply."""
-        return self.publish_request(
-            *request(self._channel, self._log_length, payloads, self._sharded)
-        )
+        return self.publish_request(*self._requests.build(payloads))
 
     def publish_request(self, data: bytes, expected: int) -> int:
         """:meth:`publish` of a request built by the owner."""
@@ -216,12 +284,14 @@ class Wire:
         conn = self._conn
         replies = self.replies = [conn.read_response() for _ in range(self._expected)]
         self._expected = 0
+        self._requests.answered(replies)
         # Only a plain socket lets a caller write without blocking (see the module docstring).
         self._ready = not isinstance(conn._sock, ssl.SSLSocket)
         return _receivers(replies, self._log_length)
 
     def _drop(self) -> None:
         self._ready, self._unsent, self._expected, self._loaded = False, b"", 0, False
+        self._requests.lost()
         if self._conn is not None:
             self._conn.disconnect()
 
@@ -243,7 +313,14 @@ class AsyncWire:
     transport (which never blocks: it buffers what the socket does not take), the sender task
     reads the reply."""
 
-    def __init__(self, pool: Any, channel: str, log_length: int, sharded: bool = False) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        channel: str,
+        log_length: int,
+        sharded: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pool = pool
         self._channel = channel
         self._log_length = log_length
@@ -252,6 +329,7 @@ class AsyncWire:
         self._loaded = False
         self._ready = False
         self._expected = 0
+        self._requests = Requests(channel, log_length, sharded, clock)
 
     @property
     def ready(self) -> bool:
@@ -260,7 +338,7 @@ class AsyncWire:
 
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request into the transport (see :meth:`Wire.write_nowait`)."""
-        data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
+        data, self._expected = self._requests.build(payloads)
         self._ready = False
         writer = self._conn._writer
         if writer is not None:  # None: aborted under the driver; the sender's read fails
@@ -279,7 +357,7 @@ class AsyncWire:
         """In the sender task: connect if needed, write the request and read its reply."""
         try:
             conn = await self._connect()
-            data, self._expected = request(self._channel, self._log_length, payloads, self._sharded)
+            data, self._expected = self._requests.build(payloads)
             self._ready = False
             await conn.send_packed_command([data], check_health=False)
             return await self._read()
@@ -304,11 +382,13 @@ class AsyncWire:
         conn = self._conn
         replies = [await conn.read_response() for _ in range(self._expected)]
         self._expected = 0
+        self._requests.answered(replies)
         self._ready = conn._writer is not None
         return _receivers(replies, self._log_length)
 
     async def _drop(self) -> None:
         self._ready, self._expected, self._loaded = False, 0, False
+        self._requests.lost()
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
 

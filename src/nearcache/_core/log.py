@@ -33,6 +33,7 @@ __all__ = [
     "ENVELOPE_MAGIC",
     "EPOCH_SCRIPT",
     "PUBLISH_SCRIPT",
+    "REFRESH_EVERY",
     "SHARDED_EPOCH_SCRIPT",
     "SHARDED_PUBLISH_SCRIPT",
     "Cursor",
@@ -57,26 +58,43 @@ ENVELOPE_MAGIC = b"NL"
 REJECTED_REMEMBERED = 256
 
 # KEYS[1] log stream, KEYS[2] epoch key. ARGV[1] channel, ARGV[2] max log length,
-# ARGV[3] a fresh random epoch to use if none exists, ARGV[4...] messages.
-# Returns {epoch, last id, receivers of the last publish}. Both keys expire a week after the
-# last publish.
+# ARGV[3] a fresh random epoch to use if none exists, ARGV[4] '1' to refresh the keys' expiry
+# ('0' otherwise), ARGV[5...] messages. Returns {epoch, last id, receivers of the last publish}.
+# Both keys expire a week after their last refresh: when either was just created, and when
+# the publisher asks, which a publisher does at least once an hour while it publishes
+# (REFRESH_EVERY), so that the common publish runs no EXPIRE. A log that went missing while
+# its epoch stayed (deleted, evicted) shows as XADD NOMKSTREAM's nil reply, at no extra call;
+# Redis before 6.2 refuses NOMKSTREAM (caught by pcall), so there every publish refreshes.
 PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
+local refresh = ARGV[4] == '1'
 if not epoch then
   redis.call('SET', KEYS[2], ARGV[3])
   epoch = ARGV[3]
+  refresh = true
 end
 local head = 'NL' .. string.char(#epoch) .. epoch
 local id, receivers = '', 0
-for i = 4, #ARGV do
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[i])
+for i = 5, #ARGV do
+  id = redis.pcall('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[i])
+  if type(id) ~= 'string' then
+    -- No log yet (nil), or a Redis before 6.2 (an error: no NOMKSTREAM): create it.
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[i])
+    refresh = true
+  end
   receivers = redis.call('PUBLISH', ARGV[1], head .. string.char(#id) .. id .. ARGV[i])
 end
 -- A channel nobody writes to for a week leaves nothing behind.
-redis.call('EXPIRE', KEYS[1], 604800)
-redis.call('EXPIRE', KEYS[2], 604800)
+if refresh then
+  redis.call('EXPIRE', KEYS[1], 604800)
+  redis.call('EXPIRE', KEYS[2], 604800)
+end
 return {epoch, id, receivers}
 """
+# A publisher asks the publish script to refresh the keys' expiry on its first publish on a
+# connection and then on the first publish at least this many seconds after it last asked: the
+# keys then expire between a week less this and a week after the last publish.
+REFRESH_EVERY = 3600.0
 
 # KEYS[1] epoch key, KEYS[2] log stream. ARGV[1] a fresh random epoch to use if none exists,
 # ARGV[2] the channel. Returns {epoch, refused}: refused lists "COMMAND key-or-channel" for
@@ -126,10 +144,13 @@ def new_epoch() -> str:
 
 
 def publish_script_call(
-    channel: str, log_length: int, payloads: Sequence[bytes]
+    channel: str, log_length: int, payloads: Sequence[bytes], *, refresh: bool = True
 ) -> tuple[list[str], list[str | int | bytes]]:
-    """The KEYS and ARGV of :data:`PUBLISH_SCRIPT` for these messages."""
-    return list(log_keys(channel)), [channel, log_length, new_epoch(), *payloads]
+    """The KEYS and ARGV of :data:`PUBLISH_SCRIPT` for these messages; ``refresh``: whether
+    the script refreshes the keys' expiry (see :data:`REFRESH_EVERY`; a publisher that does
+    not keep track asks every time)."""
+    flag = "1" if refresh else "0"
+    return list(log_keys(channel)), [channel, log_length, new_epoch(), flag, *payloads]
 
 
 def publish_command(
