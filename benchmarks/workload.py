@@ -113,7 +113,7 @@ def fill_l2(client: Any, db_path: Path, channel: str) -> None:
     from nearcache._core.codec import channel_name
 
     wire = channel_name(channel)
-    keys, args = l2.read_call(wire, None, 0, "", 1.0)  # creates the generation tokens
+    keys, args = l2.read_call(wire, None, 0, "", 1.0, l2.reign_arg("standalone"))  # the tokens
     got = l2.parse_read(client.register_script(l2.READ_SCRIPT)(keys=keys, args=args))
     tags = bytes([len(got.gen)]) + got.gen + bytes([len(got.rgen)]) + got.rgen
     dumps = SafeSerializer().dumps
