@@ -408,6 +408,9 @@ def test_an_l2_value_on_a_primary_no_longer_in_charge_is_not_served_past_the_bou
     try:
         writer.remove("prime")
         writer.flush()
+        # The writer's own echo gives it a log position: a write() without one is published
+        # as an invalidation (nothing to check racing writers from) and leaves no v1 in L2.
+        wait_until(lambda: writer._backplane.log_position() is not None)
         writer.write("k", lambda: "v1")
         writer.flush()
         wait_until(lambda: b._backplane.log_position() is not None)

@@ -79,6 +79,7 @@ def pair(redis_server: RedisServer, channel: str) -> Iterator[tuple[NearCache, N
             a.flush()
         wait_until(lambda: b.stats().messages_received == 3, 5.0)
         b.set("x", 1)
+        b.flush()  # nothing pending when scraped: b's own invalidation of x is acknowledged
         b.get("x")
         b.get("nope")
 
