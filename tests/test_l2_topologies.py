@@ -460,6 +460,7 @@ def test_a_write_lost_in_a_failover_leaves_no_stale_value_in_l2(
     try:
         writer.remove("prime")
         writer.flush()
+        wait_until(lambda: writer._backplane.log_position() is not None)  # see above
         writer.write("k", lambda: "v1")
         writer.flush()
         primary, replica = sentinel_set.primary(), sentinel_set.replica()
