@@ -69,10 +69,14 @@ class Fleet:
         """Put an entry in the log and wait until each cache applied it: a write then has a
         log position to be checked from (a brand-new channel has none)."""
         first = caches[0]
+        # Wait for each cache's position to move, not merely to exist: after a failover a
+        # position from the former reign is still there, and a write checked from it goes
+        # as an invalidation (it cannot be trusted on the new primary).
+        before = [cache._backplane.log_position() for cache in caches]
         self.run(first.remove("__prime__"))
         self.run(first.flush())
-        for cache in caches:
-            wait_until(lambda c=cache: c._backplane.log_position() is not None)
+        for cache, old in zip(caches, before, strict=True):
+            wait_until(lambda c=cache, o=old: c._backplane.log_position() not in (None, o))
 
     def in_l2(self, key: Any, region: str | None = None) -> bytes | None:
         return self.admin.get(l2.value_keys(self.wire, region, key)[0])  # type: ignore[return-value]
