@@ -206,12 +206,7 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         if placement is not None and self._wire is not None:
             return self._wire, placement
         placement = await alocate(self._settings, self._channel, self._sentinels)
-        previous = self._wire_placement
-        if (
-            self._wire is None
-            or previous is None
-            or ((previous.endpoint, previous.channel) != (placement.endpoint, placement.channel))
-        ):
+        if self._wire is None or not placement.same_wire(self._wire_placement):
             old_wire, old_client = self._wire, self._publisher
             self._publisher = self._new_client(placement)
             self._wire = AsyncWire(

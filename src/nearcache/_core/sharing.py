@@ -145,11 +145,34 @@ class Fill(NamedTuple):
     gen: bytes
     rgen: bytes
 
+    def script_call(
+        self, channel: str, region: Region, key: Key, reign: str | None
+    ) -> tuple[str, list[str], list[str | bytes | int]]:
+        """The script to run and its KEYS and ARGV: :data:`~nearcache._core.l2.FILL_SCRIPT`
+        with the node's ``reign`` argument, or on a Redis Cluster (``reign`` None) the value's
+        slot only, :data:`~nearcache._core.l2.VFILL_SCRIPT`."""
+        if reign is None:
+            keys, args = l2.vfill_call(
+                channel, region, key, self.token, self.payload, self.ttl, self.gen, self.rgen
+            )
+            return l2.VFILL_SCRIPT, keys, args
+        keys, args = l2.fill_call(
+            channel, region, key, self.token, self.payload, self.ttl, self.gen, self.rgen, reign
+        )
+        return l2.FILL_SCRIPT, keys, args
+
 
 class Release(NamedTuple):
     """Give the lease up (the load failed)."""
 
     token: str
+
+    def script_call(
+        self, channel: str, region: Region, key: Key
+    ) -> tuple[str, list[str], list[str | bytes | int]]:
+        """The release script and its KEYS and ARGV."""
+        lease = l2.value_keys(channel, region, key)[1]
+        return l2.RELEASE_SCRIPT, [lease], [self.token]
 
 
 _NO_VALUE = object()

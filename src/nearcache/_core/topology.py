@@ -180,6 +180,14 @@ class Placement:
         """Whether the channel is a Redis Cluster shard channel (SSUBSCRIBE / SPUBLISH)."""
         return self.slot is not None
 
+    def same_wire(self, other: Placement | None) -> bool:
+        """Whether a publishing connection made for ``other`` serves this placement too: the
+        same node, and the channel under the same name there."""
+        return other is not None and (other.endpoint, other.channel) == (
+            self.endpoint,
+            self.channel,
+        )
+
     def server_id(self, run_id: str | None) -> str | None:
         """What the replay log's cursor records as the server it read from: the run id,
         plus the Sentinel epoch, so that a primary promoted again after being replaced (it

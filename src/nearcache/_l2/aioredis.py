@@ -178,7 +178,7 @@ class AsyncRedisL2:
                 send = await self._fill(key, region, step)
             elif type(step) is Release:
                 # Shielded: a cancelled load still frees the lease for the next process.
-                await asyncio.shield(self._release(key, region, step.token))
+                await asyncio.shield(self._release(key, region, step))
 
     async def _get(self, key: Key, region: Region) -> tuple[bytes | None, int] | None:
         """GET and PTTL in one pipelined round trip (no script: see Sharing.load_flow)."""
@@ -248,40 +248,21 @@ class AsyncRedisL2:
         placement = self._backplane.placement
         if placement is None:
             return None
-        if placement.sharded:
-            keys, args = l2.vfill_call(
-                placement.channel,
-                region,
-                key,
-                step.token,
-                step.payload,
-                step.ttl,
-                step.gen,
-                step.rgen,
-            )
-            reply = await self._run(self._router(write=False), l2.VFILL_SCRIPT, keys, args)
-        else:
-            keys, args = l2.fill_call(
-                placement.channel,
-                region,
-                key,
-                step.token,
-                step.payload,
-                step.ttl,
-                step.gen,
-                step.rgen,
-                reign_of(placement),
-            )
-            reply = await self._run(self._read_node(placement), l2.FILL_SCRIPT, keys, args)
+        reign = None if placement.sharded else reign_of(placement)
+        source, keys, args = step.script_call(placement.channel, region, key, reign)
+        reply = await self._run(self._read_where(placement), source, keys, args)
         return None if reply is None else bool(reply)
 
-    async def _release(self, key: Key, region: Region, token: str) -> None:
+    async def _release(self, key: Key, region: Region, step: Release) -> None:
         placement = self._backplane.placement
         if placement is None:
             return
-        lease = l2.value_keys(placement.channel, region, key)[1]
-        where: Any = self._router(write=False) if placement.sharded else self._read_node(placement)
-        await self._run(where, l2.RELEASE_SCRIPT, [lease], [token])
+        source, keys, args = step.script_call(placement.channel, region, key)
+        await self._run(self._read_where(placement), source, keys, args)
+
+    def _read_where(self, placement: Placement) -> Any:
+        """Where read-path scripts run: the cluster's router, or the subscription's node."""
+        return self._router(write=False) if placement.sharded else self._read_node(placement)
 
     async def _run(self, where: Any, source: str, keys: list[str], args: list[Any]) -> Any:
         """Run a read-path script within ``l2_timeout``; None (counted) if Redis failed.

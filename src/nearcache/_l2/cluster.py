@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
@@ -30,6 +30,7 @@ from nearcache._core.topology import key_slot
 __all__ = ["AsyncClusterRouter", "ClusterRouter", "ScriptCall", "SlotMap"]
 
 ScriptCall = tuple[str, Sequence[str], Sequence[Any]]  # Lua source, KEYS, ARGV
+_Client = TypeVar("_Client", redis.Redis, redis.asyncio.Redis)
 _REDIRECTS = 3  # MOVED answers followed for one call before it counts as failed
 
 
@@ -72,11 +73,10 @@ def _unavailable(reasons: list[str]) -> redis.ConnectionError:
     return redis.ConnectionError(f"no cluster node answered CLUSTER SLOTS ({'; '.join(reasons)})")
 
 
-class ClusterRouter:
-    """Runs L2 scripts on the node serving their slot (threaded; see the module docstring).
-
-    ``client_kwargs(endpoint)`` gives the redis-py arguments of a node's client (the read
-    path passes its short timeout)."""
+class _Routing(Generic[_Client]):
+    """What both routers keep: the slot map (None: ask again), a client per node and the
+    scripts registered on each. ``client_kwargs(endpoint)`` gives the redis-py arguments of a
+    node's client (the read path passes its short timeout)."""
 
     def __init__(
         self, settings: RedisSettings, client_kwargs: Callable[[Endpoint], dict[str, Any]]
@@ -84,10 +84,39 @@ class ClusterRouter:
         self._settings = settings
         self._client_kwargs = client_kwargs
         self._map: SlotMap | None = None
-        self._clients: dict[Endpoint, redis.Redis] = {}
+        self._clients: dict[Endpoint, _Client] = {}
         self._scripts: dict[tuple[Endpoint, str], Any] = {}
-        self._lock = threading.Lock()  # the read path runs in every caller's thread
         self._closed = False
+
+    def _client(self, endpoint: Endpoint) -> _Client:
+        raise NotImplementedError
+
+    def _script(self, endpoint: Endpoint, source: str) -> Any:
+        script = self._scripts.get((endpoint, source))
+        if script is None:
+            script = self._scripts[(endpoint, source)] = self._client(endpoint).register_script(
+                source
+            )
+        return script
+
+    def _owner_in(self, known: SlotMap, key: str) -> Endpoint:
+        """The primary serving ``key``'s slot in ``known``; a slot nobody serves drops the map
+        (asked again next time) and fails the call."""
+        owner = known.owner(key)
+        if owner is None:
+            self._map = None
+            raise redis.ConnectionError(f"no cluster node serves the slot of {key!r}")
+        return owner
+
+
+class ClusterRouter(_Routing[redis.Redis]):
+    """Runs L2 scripts on the node serving their slot (threaded; see the module docstring)."""
+
+    def __init__(
+        self, settings: RedisSettings, client_kwargs: Callable[[Endpoint], dict[str, Any]]
+    ) -> None:
+        super().__init__(settings, client_kwargs)
+        self._lock = threading.Lock()  # the read path runs in every caller's thread
 
     def _client(self, endpoint: Endpoint) -> redis.Redis:
         with self._lock:
@@ -97,14 +126,6 @@ class ClusterRouter:
             if client is None:
                 client = self._clients[endpoint] = redis.Redis(**self._client_kwargs(endpoint))
             return client
-
-    def _script(self, endpoint: Endpoint, source: str) -> Any:
-        script = self._scripts.get((endpoint, source))
-        if script is None:
-            script = self._scripts[(endpoint, source)] = self._client(endpoint).register_script(
-                source
-            )
-        return script
 
     def _slots(self) -> SlotMap:
         known = self._map
@@ -122,11 +143,7 @@ class ClusterRouter:
         raise _unavailable(reasons)
 
     def _owner(self, key: str) -> Endpoint:
-        owner = self._slots().owner(key)
-        if owner is None:
-            self._map = None
-            raise redis.ConnectionError(f"no cluster node serves the slot of {key!r}")
-        return owner
+        return self._owner_in(self._slots(), key)
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script on the node serving ``keys[0]``; redis-py's errors propagate."""
@@ -189,18 +206,8 @@ class ClusterRouter:
                 client.close()
 
 
-class AsyncClusterRouter:
+class AsyncClusterRouter(_Routing[redis.asyncio.Redis]):
     """The asyncio flavour of :class:`ClusterRouter` (same methods, awaited)."""
-
-    def __init__(
-        self, settings: RedisSettings, client_kwargs: Callable[[Endpoint], dict[str, Any]]
-    ) -> None:
-        self._settings = settings
-        self._client_kwargs = client_kwargs
-        self._map: SlotMap | None = None
-        self._clients: dict[Endpoint, redis.asyncio.Redis] = {}
-        self._scripts: dict[tuple[Endpoint, str], Any] = {}
-        self._closed = False
 
     def _client(self, endpoint: Endpoint) -> redis.asyncio.Redis:
         if self._closed:
@@ -209,14 +216,6 @@ class AsyncClusterRouter:
         if client is None:
             client = self._clients[endpoint] = redis.asyncio.Redis(**self._client_kwargs(endpoint))
         return client
-
-    def _script(self, endpoint: Endpoint, source: str) -> Any:
-        script = self._scripts.get((endpoint, source))
-        if script is None:
-            script = self._scripts[(endpoint, source)] = self._client(endpoint).register_script(
-                source
-            )
-        return script
 
     async def _slots(self) -> SlotMap:
         known = self._map
@@ -234,11 +233,7 @@ class AsyncClusterRouter:
         raise _unavailable(reasons)
 
     async def _owner(self, key: str) -> Endpoint:
-        owner = (await self._slots()).owner(key)
-        if owner is None:
-            self._map = None
-            raise redis.ConnectionError(f"no cluster node serves the slot of {key!r}")
-        return owner
+        return self._owner_in(await self._slots(), key)
 
     async def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """See :meth:`ClusterRouter.run`."""

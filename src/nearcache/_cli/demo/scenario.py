@@ -668,14 +668,7 @@ class _Demo:
             errors == 0 and all(r["reads"] > 0 for r in reports),
             f"reads kept being served while Redis was down: {served}; {errors} errors",
         )
-        oldest = max(r["max_age"] for r in reports)
-        violations = sum(r["violations"] for r in reports)
-        board.check(
-            violations == 0,
-            f"no L1 entry served past the staleness bound: the oldest L1 answer came "
-            f"{_floor_ms(oldest)} ms after its load or the crash, whichever was later "
-            f"(max_staleness {bound * 1000:g} ms); {violations} violations",
-        )
+        oldest = self._check_bound(reports, "the crash")
         delivered = writer.call("flush", timeout=_CALL_TIMEOUT + 5, flush_timeout=5.0)
         board.check(
             bool(delivered["flushed"]),
@@ -693,6 +686,19 @@ class _Demo:
             f"{_floor_ms(oldest)} ms <= max_staleness {bound * 1000:g} ms; reconnected "
             f"{reconnected - restarted:.2f} s after the restart; propagation works again"
         )
+
+    def _check_bound(self, reports: Sequence[dict[str, Any]], fault: str) -> float:
+        """Check that no instance served an L1 entry past the staleness bound around ``fault``
+        (its outage reports); return the age of the oldest L1 answer."""
+        oldest = max(float(r["max_age"]) for r in reports)
+        violations = sum(r["violations"] for r in reports)
+        self.board.check(
+            violations == 0,
+            f"no L1 entry served past the staleness bound: the oldest L1 answer came "
+            f"{_floor_ms(oldest)} ms after its load or {fault}, whichever was later "
+            f"(max_staleness {self.options.max_staleness * 1000:g} ms); {violations} violations",
+        )
+        return oldest
 
     def _failover(
         self, topology: PrivateTopology, writer: InstanceProcess, others: Sequence[InstanceProcess]
@@ -718,19 +724,12 @@ class _Demo:
         )
         reports = self._each(self.instances, "outage_report", start=killed, end=followed)
         errors = sum(r["errors"] for r in reports)
-        oldest = max(r["max_age"] for r in reports)
-        violations = sum(r["violations"] for r in reports)
         board.check(
             errors == 0 and all(r["reads"] > 0 for r in reports),
             f"reads kept being served during the failover: "
             f"{sum(r['reads'] for r in reports):,}; {errors} errors",
         )
-        board.check(
-            violations == 0,
-            f"no L1 entry served past the staleness bound: the oldest L1 answer came "
-            f"{_floor_ms(oldest)} ms after its load or the kill, whichever was later "
-            f"(max_staleness {bound * 1000:g} ms); {violations} violations",
-        )
+        oldest = self._check_bound(reports, "the kill")
         _, latencies = self._propagate(writer, HOT_PRODUCT, others)
         board.check(
             all(v is not None for v in latencies.values()),
