@@ -210,7 +210,9 @@ class RedisServer:
     ``password`` sets ``requirepass`` for the ``default`` user; ``acl_users`` adds ACL users
     with full access (the first one is the identity used by :attr:`url`,
     :attr:`connection_string` and :meth:`client`); ``tls`` makes the server TLS-only on
-    :attr:`port`.  The port is chosen once and kept across :meth:`restart`.
+    :attr:`port`.  The port is chosen once and kept across :meth:`restart`.  With
+    ``cluster_bus=True`` the server also gets a cluster bus port (:attr:`bus_port`), chosen
+    and kept the same way (port + 10000 may not exist).
     """
 
     START_TIMEOUT = 10.0
@@ -226,6 +228,7 @@ class RedisServer:
         tls: TlsFiles | None = None,
         extra_args: Sequence[str] = (),
         binary: str | None = None,
+        cluster_bus: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +240,7 @@ class RedisServer:
         self._binary = binary
         self._port_pinned = port is not None
         self._port = port if port is not None else free_port()
+        self._bus_port = free_port() if cluster_bus else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- identity -------------------------------------------------------------------------
@@ -248,6 +252,11 @@ class RedisServer:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def bus_port(self) -> int | None:
+        """The cluster bus port (``cluster_bus=True``), else ``None``."""
+        return self._bus_port
 
     @property
     def pid(self) -> int | None:
@@ -376,6 +385,8 @@ class RedisServer:
             args += ["--protected-mode", "no"]
         for name, secret in self.acl_users.items():
             args += ["--user", name, "on", f">{secret}", "~*", "&*", "+@all"]
+        if self._bus_port is not None:
+            args += ["--cluster-port", str(self._bus_port)]
         args += list(self.extra_args)
         return args
 
@@ -389,7 +400,10 @@ class RedisServer:
             # it; then pick another.  A pinned port (or a restart) must never move.
             if self._launch(port_in_use_is_fatal=attempt == attempts):
                 return self
+            # Either port may be the one taken (the log names it): pick both again.
             self._port = free_port()
+            if self._bus_port is not None:
+                self._bus_port = free_port()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _launch(self, *, port_in_use_is_fatal: bool) -> bool:

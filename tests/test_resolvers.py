@@ -15,7 +15,7 @@ from nearcache._config import Endpoint, parse_connection_string
 from nearcache._core.topology import Placement, ServerTraits, key_slot
 from nearcache._exceptions import BackplaneUnavailableError, ConfigurationError
 from tests.servers import HOST, RedisServer, TcpProxy, free_port, wait_until
-from tests.topologies import SENTINEL_HOST, ClusterTopology, SentinelTopology
+from tests.topologies import SENTINEL_HOST, ClusterTopology, SentinelTopology, freeze, thaw
 
 CHANNEL = "nearcache:v1:resolvers"
 
@@ -162,6 +162,47 @@ def test_async_confirmation_follows_the_failover(sentinel_set: SentinelTopology)
             await resolver.aclose()
 
     asyncio.run(main())
+
+
+def test_async_wait_sees_an_answer_landing_before_it_starts_waiting(
+    sentinel_set: SentinelTopology,
+) -> None:
+    """An answer recorded after wait() checked its condition, but before its wait began,
+    wakes it at once. (It was lost: under CPU load the second answer of a round landed just
+    there, and the start of an AsyncNearCache waited out its whole connect timeout with a
+    majority in hand: "could not subscribe ... within 5.0s (no answer)".) The Sentinels are
+    frozen, so only that one answer can wake the waiter."""
+    settings = parse_connection_string(sentinel_set.connection_string())
+
+    async def main() -> tuple[bool, list[bool]]:
+        resolver = AsyncSentinelResolver(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            claim = await resolver.primary()
+            for sentinel in sentinel_set.sentinels:
+                freeze(sentinel)
+            since = resolver.ask()  # questions outstanding: wait() waits
+            checks = 0
+
+            def majority() -> bool:
+                nonlocal checks
+                checks += 1
+                if checks == 1:
+                    # Runs after this check returns and before the waiter's task starts.
+                    for index in range(2):
+                        loop.call_soon(resolver._answered_by, index, loop.time(), claim, None)
+                return resolver.quorum.primary(since) == claim
+
+            woke = await resolver.wait(majority, timeout=30.0)
+            # Woken by that answer, not by a frozen question failing at its socket timeout.
+            return woke, [task is not None and task.done() for task in resolver._asking]
+        finally:
+            for sentinel in sentinel_set.sentinels:
+                thaw(sentinel)
+            await resolver.aclose()
+
+    woke, questions_done = asyncio.run(main())
+    assert woke and questions_done == [False, False, False]
 
 
 def test_standalone_endpoints_skip_a_replica(sentinel_set: SentinelTopology) -> None:

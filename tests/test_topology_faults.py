@@ -294,3 +294,29 @@ def test_demo_shows_a_failover(redis_binary: str, topology: str) -> None:
     assert re.search(rf"failover \({topology}\): every instance followed in [\d.]+ s", out)
     assert re.search(r"D warmed from L2: (\d+) of its \1 first reads came from Redis", out)
     assert re.search(r"result: all \d+ checks passed", out)
+
+
+def test_a_taken_cluster_bus_port_is_replaced_at_start(
+    redis_binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's cluster node picks its bus port again when the one it picked was taken
+    before redis-server bound it (it kept it, and failed three times: "Failed listening on
+    port ... (cluster), aborting")."""
+    import socket
+
+    from nearcache._cli.demo import server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([free_port(), taken.getsockname()[1]])
+        original = server._free_port
+        monkeypatch.setattr(server, "_free_port", lambda: next(picks, None) or original())
+        node = server.PrivateRedis(
+            redis_binary, tmp_path, extra_args=("--cluster-enabled", "yes"), cluster_bus=True
+        )
+        try:
+            node.start()
+            assert node.alive and node.bus_port not in (0, taken.getsockname()[1])
+        finally:
+            node.stop()

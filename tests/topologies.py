@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from tests.servers import HOST, RedisServer, TcpProxy, free_port, wait_until
+from tests.servers import HOST, RedisServer, TcpProxy, wait_until
 
 __all__ = [
     "SENTINEL_HOST",
@@ -551,13 +551,13 @@ class ClusterTopology:
             args += ["--masterauth", password]
         self.nodes: list[RedisServer] = []
         for i in range(2 * self.PRIMARIES):
-            node_args_i = [*args, "--cluster-port", str(free_port())]
             self.nodes.append(
                 RedisServer(
                     self.workdir / f"node{i}",
                     password=password,
                     binary=binary,
-                    extra_args=node_args_i,
+                    extra_args=args,
+                    cluster_bus=True,
                 )
             )
         self._proxies: dict[int, TcpProxy] = {}
@@ -619,7 +619,7 @@ class ClusterTopology:
                 high = SLOTS - 1 if i == self.PRIMARIES - 1 else low + per_primary - 1
                 _command(clients[i], "CLUSTER", "ADDSLOTSRANGE", low, high)
             for node in self.nodes[1:]:
-                _command(clients[0], "CLUSTER", "MEET", HOST, node.port, self._bus_port(node))
+                _command(clients[0], "CLUSTER", "MEET", HOST, node.port, node.bus_port)
 
             def everyone_known() -> bool:
                 for client in clients:
@@ -637,10 +637,6 @@ class ClusterTopology:
             for client in clients:
                 client.close()
         self.wait_healthy()
-
-    def _bus_port(self, node: RedisServer) -> int:
-        args = list(node.extra_args)
-        return int(args[args.index("--cluster-port") + 1])
 
     def stop(self) -> None:
         """Stop every node (kill what does not stop); safe to call twice."""

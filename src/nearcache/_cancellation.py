@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
-__all__ = ["STOP_GRACE", "stop_task", "wait_event"]
+__all__ = ["STOP_GRACE", "Signal", "stop_task", "wait_event"]
 
 log = logging.getLogger("nearcache")
 
@@ -29,6 +29,37 @@ log = logging.getLogger("nearcache")
 STOP_GRACE = 0.5
 #: Seconds between two cancels of a task that has not finished yet.
 _RECANCEL = 0.02
+
+
+class Signal:
+    """Wakes every coroutine waiting for "something changed", and never loses a wake-up.
+
+    The usual ``event.set(); event.clear()`` (or a waiter that clears a shared event before
+    waiting) loses a wake-up: a waiter registers with the event only when its task first
+    runs, which may be loop iterations after it checked its condition, and a set-then-clear
+    in between is never seen; the waiter then sleeps until its timeout although its
+    condition holds. (The Sentinel resolver did this: under CPU load, the second and third
+    answers of a round landed while the waiter was re-registering after the first, and a
+    start waited out its whole connect timeout with a majority already in hand.)
+
+    Here a waiter takes a :meth:`ticket` *before* checking its condition and waits on it;
+    :meth:`notify` sets the current ticket for good and issues a fresh one. A notify after
+    the ticket was taken is therefore never missed, however late the wait begins.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def ticket(self) -> asyncio.Event:
+        """The event the next :meth:`notify` sets; take it before checking the condition."""
+        return self._event
+
+    def notify(self) -> None:
+        """Wake every holder of the current ticket (now or whenever it waits)."""
+        event, self._event = self._event, asyncio.Event()
+        event.set()
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:

@@ -33,6 +33,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nearcache._cancellation import Signal, wait_event
 from nearcache._config import Endpoint, RedisSettings
 from nearcache._core.topology import (
     PrimaryClaim,
@@ -282,14 +283,14 @@ class AsyncSentinelResolver:
         self.errors: list[str | None] = [None] * len(self._clients)
         self._asking: list[asyncio.Task[None] | None] = [None] * len(self._clients)
         self._again = [False] * len(self._clients)
-        self._changed: asyncio.Event | None = None
+        self._answered: Signal | None = None  # made on the loop, at first use
         self._closed = False
         self._watchers: list[asyncio.Task[None]] = []
 
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
+    def _signal(self) -> Signal:
+        if self._answered is None:
+            self._answered = Signal()
+        return self._answered
 
     def ask(self) -> float:
         """Start a round (see :meth:`SentinelResolver.ask`); needs a running loop."""
@@ -325,26 +326,30 @@ class AsyncSentinelResolver:
                 error = f"{type(exc).__name__}: {exc}"
         except (redis.RedisError, OSError, KeyError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
+        self._answered_by(index, asked_at, claim, error)
+
+    def _answered_by(
+        self, index: int, asked_at: float, claim: PrimaryClaim | None, error: str | None
+    ) -> None:
+        """Record Sentinel ``index``'s answer (or error) and wake every :meth:`wait`."""
         self.errors[index] = error
         if error is None:
             self.quorum.record(index, asked_at, claim)
-        event = self._event()
-        event.set()
-        event.clear()  # wakes the current waiters; later ones wait for the next answer
+        self._signal().notify()
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """See :meth:`SentinelResolver.wait`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        event = self._event()
-        while not predicate():
+        while True:
+            answered = self._signal().ticket()  # before the check: no answer goes unseen
+            if predicate():
+                return True
             remaining = deadline - loop.time()
             outstanding = any(task is not None and not task.done() for task in self._asking)
             if remaining <= 0 or self._closed or not outstanding:
                 return predicate()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
-        return True
+            await wait_event(answered, remaining)
 
     async def primary(self, timeout: float | None = None) -> PrimaryClaim:
         """See :meth:`SentinelResolver.primary`."""

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nearcache._cached import AsyncCached
-from nearcache._cancellation import STOP_GRACE, stop_task, wait_event
+from nearcache._cancellation import STOP_GRACE, Signal, stop_task, wait_event
 from nearcache._core.cache import (
     PLAIN_KEY_TYPES,
     Batch,
@@ -171,7 +171,7 @@ class AsyncNearCache(CacheCommon):
         self._started = backplane is None
         self._start_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
-        self._progress: asyncio.Event | None = None
+        self._progress: Signal | None = None  # batches delivered or refused, or closed
         self._sender: asyncio.Task[None] | None = None
         # A batch a caller wrote to Redis itself, whose reply the sender reads; and whether a
         # batch is in flight, which keeps callers from writing another (``_backplane/wire.py``).
@@ -196,7 +196,7 @@ class AsyncNearCache(CacheCommon):
             backplane = self._backplane
             assert backplane is not None
             self._wake = asyncio.Event()
-            self._progress = asyncio.Event()
+            self._progress = Signal()
             await backplane.start(_Listener(self))
             self._sender = asyncio.get_running_loop().create_task(
                 self._send_loop(), name=f"nearcache-sender:{self._channel}"
@@ -271,7 +271,7 @@ class AsyncNearCache(CacheCommon):
         self._state = CacheState.CLOSED
         self._kick()
         if self._progress is not None:
-            self._progress.set()
+            self._progress.notify()
         self._core.store.clear()
         self._store = ClosedStore()
         self.get = self._store.aget  # type: ignore[method-assign]
@@ -493,8 +493,10 @@ class AsyncNearCache(CacheCommon):
             if refused is not None:
                 raise refused
             assert self._progress is not None
-            self._progress.clear()
-            if not await wait_event(self._progress, deadline - self._clock()):
+            # No await since the checks: any progress from here on sets this ticket (and a
+            # flush() waiting at the same time holds its own; nobody clears a shared event).
+            progress = self._progress.ticket()
+            if not await wait_event(progress, deadline - self._clock()):
                 raise self._flush_timeout(timeout)
 
     # -- introspection --------------------------------------------------------------------
@@ -544,7 +546,7 @@ class AsyncNearCache(CacheCommon):
                     written = None  # the retry writes the whole batch again
                     self._check_sending()  # the failure is aclose cutting the connection
                     delay = core.publish_failed(exc)
-                    progress.set()  # flush() reports a refusal at once
+                    progress.notify()  # flush() reports a refusal at once
                     if delay is None:
                         payloads = []  # superseded by a clear: send that instead
                         break
@@ -553,7 +555,7 @@ class AsyncNearCache(CacheCommon):
             if payloads:
                 core.batch_sent(payloads, taken)
             self._publishing = False
-            progress.set()
+            progress.notify()
 
     def _check_sending(self) -> None:
         """End the sender, as a delivered cancel would, once the cache is closed."""
@@ -636,4 +638,4 @@ class _Listener(ListenerCommon):
     def on_publish_refused(self, reason: str) -> None:
         self._cache._core.publishing.refused_at_start(reason)
         if self._cache._progress is not None:
-            self._cache._progress.set()
+            self._cache._progress.notify()

@@ -65,6 +65,7 @@ class PrivateRedis:
         *,
         extra_args: tuple[str, ...] = (),
         sentinel_config: Path | None = None,
+        cluster_bus: bool = False,
     ) -> None:
         self._binary = binary
         self._workdir = workdir
@@ -72,6 +73,8 @@ class PrivateRedis:
         self._sentinel_config = sentinel_config  # run as a Sentinel with this config file
         self._log = workdir / "redis.log"
         self._port = 0
+        self._cluster_bus = cluster_bus  # a cluster node: it needs a bus port too
+        self._bus_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,14 +83,23 @@ class PrivateRedis:
         return self._port
 
     @property
+    def bus_port(self) -> int:
+        """The cluster bus port (``cluster_bus=True``; kept across restarts), else 0."""
+        return self._bus_port
+
+    @property
     def url(self) -> str:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://{_HOST}:{self._port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start on a free port (another one if it was taken meanwhile) and wait for PING."""
+        """Start on a free port (others if one was taken meanwhile) and wait for PING."""
         for attempt in range(3):
+            # The port given to redis-server may be taken before it binds it; pick new ones.
             self._port = _free_port()
+            if self._cluster_bus:
+                # The bus port must be given: port + 10000 may not exist (ports above 55535).
+                self._bus_port = _free_port()
             try:
                 self._launch(timeout)
                 return
@@ -122,6 +134,7 @@ class PrivateRedis:
             _HOST,
             # A Sentinel takes no persistence options (it rewrites its config file instead).
             *(() if self._sentinel_config is not None else ("--save", "", "--appendonly", "no")),
+            *(("--cluster-port", str(self._bus_port)) if self._cluster_bus else ()),
             "--daemonize",
             "no",
             "--dir",

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from nearcache._cli.demo.server import PrivateRedis, RedisStartError, _free_port
+from nearcache._cli.demo.server import PrivateRedis, RedisStartError
 from nearcache._core.codec import channel_name
 from nearcache._core.topology import cluster_channel, key_slot, slot_primary
 
@@ -87,8 +87,10 @@ class PrivateTopology:
         else:
             self._start_cluster()
 
-    def _node(self, name: str, *args: str) -> PrivateRedis:
-        node = PrivateRedis(self._binary, self._workdir / name, extra_args=args)
+    def _node(self, name: str, *args: str, cluster_bus: bool = False) -> PrivateRedis:
+        node = PrivateRedis(
+            self._binary, self._workdir / name, extra_args=args, cluster_bus=cluster_bus
+        )
         (self._workdir / name).mkdir(parents=True, exist_ok=True)
         node.start()
         return node
@@ -131,11 +133,7 @@ class PrivateTopology:
             "--cluster-node-timeout", "1000",
             "--cluster-allow-replica-migration", "no",
         )  # fmt: skip
-        # The bus port must be given: port + 10000 may not exist (ports above 55535).
-        buses = [_free_port() for _ in range(6)]
-        self.nodes = [
-            self._node(f"node{i}", *args, "--cluster-port", str(bus)) for i, bus in enumerate(buses)
-        ]
+        self.nodes = [self._node(f"node{i}", *args, cluster_bus=True) for i in range(6)]
         clients = [_client(n.port) for n in self.nodes]
         try:
             ids = [_command(c, "CLUSTER", "MYID").decode() for c in clients]
@@ -143,8 +141,8 @@ class PrivateTopology:
                 _command(client, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
             for i, (low, high) in enumerate(((0, 5460), (5461, 10922), (10923, 16383))):
                 _command(clients[i], "CLUSTER", "ADDSLOTSRANGE", low, high)
-            for node, bus in zip(self.nodes[1:], buses[1:], strict=True):
-                _command(clients[0], "CLUSTER", "MEET", _HOST, node.port, bus)
+            for node in self.nodes[1:]:
+                _command(clients[0], "CLUSTER", "MEET", _HOST, node.port, node.bus_port)
 
             def joined() -> bool:
                 return all(
