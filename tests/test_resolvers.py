@@ -128,8 +128,8 @@ def test_after_a_failover_the_old_claim_is_no_longer_confirmed(
         after = resolver.ask()
         assert resolver.confirm(old, after, timeout=5.0)
         wait_until(lambda: sum(e is None for e in resolver.errors) == 3, 5)
-        # Give the watchers their subscription before the switch (they resubscribe anyway).
-        wait_until(lambda: len(resolver._watch_sockets) == 3, 5)
+        # The watchers' SUBSCRIBE is sent before the switch (it is announced once).
+        wait_until(lambda: resolver.watching == 3, 5)
         new_node = sentinel_set.failover()
         assert switched.wait(10)
         new = resolver.primary()
@@ -152,7 +152,11 @@ def test_async_confirmation_follows_the_failover(sentinel_set: SentinelTopology)
             old = await resolver.primary()
             resolver.watch(lambda _new: switched.set())
             assert await resolver.confirm(old, resolver.ask(), timeout=5.0)
-            await asyncio.sleep(0.2)  # let the watch tasks subscribe (they re-watch anyway)
+            # The watchers' SUBSCRIBE is sent before the switch (it is announced once).
+            deadline = asyncio.get_running_loop().time() + 5
+            while resolver.watching < 3:
+                assert asyncio.get_running_loop().time() < deadline, resolver.watching
+                await asyncio.sleep(0.01)  # a poll that lets the watch tasks run
             await asyncio.to_thread(sentinel_set.failover)
             await asyncio.wait_for(switched.wait(), 10)
             later = resolver.ask()

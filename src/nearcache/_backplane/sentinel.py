@@ -248,6 +248,12 @@ class SentinelResolver:
                 if not self._closed:
                     self._changed.wait(_WATCH_RETRY)
 
+    @property
+    def watching(self) -> int:
+        """How many Sentinels' ``+switch-master`` this resolver is subscribed to now."""
+        with self._changed:
+            return len(self._watch_sockets)
+
     def close(self) -> None:
         """Stop asking and watching; close every connection."""
         with self._changed:
@@ -286,6 +292,7 @@ class AsyncSentinelResolver:
         self._answered: Signal | None = None  # made on the loop, at first use
         self._closed = False
         self._watchers: list[asyncio.Task[None]] = []
+        self._watching = 0  # watch tasks subscribed now
 
     def _signal(self) -> Signal:
         if self._answered is None:
@@ -393,8 +400,11 @@ class AsyncSentinelResolver:
         while not self._closed:
             client = redis.asyncio.Redis(**_sentinel_kwargs(self._settings, endpoint))
             pubsub = client.pubsub(ignore_subscribe_messages=True)
+            subscribed = False
             try:
                 await pubsub.subscribe(SWITCH_CHANNEL)
+                subscribed = True
+                self._watching += 1
                 while not self._closed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None or message.get("type") != "message":
@@ -406,12 +416,19 @@ class AsyncSentinelResolver:
             except (redis.RedisError, OSError, ValueError):
                 pass
             finally:
+                if subscribed:
+                    self._watching -= 1
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 with contextlib.suppress(Exception):
                     await client.aclose()
             if not self._closed:
                 await asyncio.sleep(_WATCH_RETRY)  # back-off before re-watching, not a sync
+
+    @property
+    def watching(self) -> int:
+        """See :attr:`SentinelResolver.watching`."""
+        return self._watching
 
     async def aclose(self) -> None:
         """Stop asking and watching; close every connection."""
