@@ -443,3 +443,24 @@ def test_a_load_that_joined_a_lookup_loads_for_real(
         assert cache.get_or_set("k", lambda: "db") == "db"
         looking.join()
         assert outcome == ["absent"]
+
+
+def test_a_value_read_from_l2_as_it_expires_does_not_outlive_it(fleet: Fleet) -> None:
+    """B reads values whose L2 expiry runs out while it reads: an L1 copy of a value found
+    with under a millisecond left (PTTL 0), or expired between the GET and the PTTL (-2),
+    expires with it. (Both counted as "no expiry": the copy lived in L1 for good.)"""
+    a, b = fleet.make(propagate="invalidate"), fleet.make(propagate="invalidate")
+    fleet.prime(a, b)
+    keys = [f"k{i}" for i in range(200)]
+    before = b.stats().invalidations_received
+    for key in keys:
+        fleet.run(a.set(key, "v", ttl=0.3))
+    fleet.run(a.flush())
+    expired = time.monotonic() + 0.3  # every value's L2 expiry has run out by then
+    # A's invalidations are in before B reads: none of them evicts what B reads below.
+    wait_until(lambda: b.stats().invalidations_received - before >= len(keys))
+    while time.monotonic() < expired + 0.3:  # every key read again and again across its expiry
+        for key in keys:
+            fleet.run(b.get_or_set(key, lambda: "db", ttl=60))
+    held = [key for key in keys if fleet.run(b.get(key, MISSING)) == "v"]
+    assert not held, f"{len(held)} copies outlived their value in L2"

@@ -538,6 +538,22 @@ def test_a_hit_with_known_generations_is_one_plain_get_current_as_of_the_confirm
     assert c.sharing is not None and c.sharing.stats.l2_hits == 2
 
 
+@pytest.mark.parametrize(("pttl", "left"), [(-1, None), (0, 0.001), (-2, 0.001)])
+def test_a_plain_hit_on_a_value_about_to_expire_keeps_its_expiry(
+    pttl: int, left: float | None
+) -> None:
+    """PTTL 0 (under a millisecond left) or -2 (the value expired between the GET and the
+    PTTL) gives the L1 copy a millisecond; only -1 means no expiry. (Both were "no expiry": on
+    a loaded machine a Django key set with a 0.5 s timeout was still served from B's L1 after
+    5 s.) The script's reply is read the same way."""
+    clock = FakeClock()
+    c = learned(clock)
+    steps, loaded = plain_steps(c, [(record(42), pttl)])
+    assert [type(x) for x in steps] == [Get]
+    assert loaded == Loaded(42, left)
+    assert l2.parse_read([l2.VALUE, record(42), pttl, b"g", b"r"]).pttl == left
+
+
 @pytest.mark.parametrize(
     "found",
     [None, (None, -2), (b"\x01G\x01r" + record(42)[4:], 100), (record(42, key="other"), 100)],

@@ -104,6 +104,7 @@ __all__ = [
     "reign_arg",
     "reign_key",
     "tagged",
+    "ttl_left",
     "value_keys",
     "value_writes",
     "vfill_call",
@@ -563,6 +564,14 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+def ttl_left(pttl: int) -> float | None:
+    """Seconds a value just read has left in L2, from the ``PTTL`` that came with it: None
+    only for -1 (no expiry). 0 (under a millisecond left) and -2 (it expired between the
+    ``GET`` and the ``PTTL``) are a millisecond: the value was there when read, but an L1 copy
+    must not outlive it (as "no expiry" it lived in L1 for good)."""
+    return None if pttl == -1 else max(pttl, 1) / 1000
+
+
 def read_call(
     channel: str, region: Region, key: Key, token: str, lease_ttl: float, reign: str = ""
 ) -> tuple[list[str], list[str | bytes | int]]:
@@ -610,7 +619,7 @@ def parse_read(reply: Sequence[object]) -> ReadResult:
     return ReadResult(
         status,
         bytes(record),  # type: ignore[call-overload]
-        pttl / 1000 if pttl > 0 else None,
+        ttl_left(pttl),
         bytes(gen),  # type: ignore[call-overload]
         bytes(rgen),  # type: ignore[call-overload]
     )

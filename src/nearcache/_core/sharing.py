@@ -456,8 +456,7 @@ class Sharing:
                 value = self._plain_value(found[0], region, key, gen, rgen)
                 if value is not _NO_VALUE:
                     stats.l2_hits += 1
-                    pttl = found[1]
-                    return Loaded(value, pttl / 1000 if pttl > 0 else None)
+                    return Loaded(value, l2.ttl_left(found[1]))
         version = self._version
         got: ReadResult | None = yield Read(token)
         if got is not None:
