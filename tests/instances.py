@@ -73,17 +73,24 @@ class Instance:
         """What the process wrote on stderr so far."""
         return "".join(self._stderr[-50:])
 
-    def call(self, op: str, timeout: float = 30.0, **fields: Any) -> Any:
-        """Send one request and return its result (raise on an error reply)."""
+    def call(self, op: str, timeout: float | None = None, **fields: Any) -> Any:
+        """Send one request and return its result (raise on an error reply).
+
+        ``timeout`` is the operation's own budget (``flush``, ``wait_gone``, ``burst``: the
+        instance's default otherwise); the reply is awaited that long plus a margin, so a
+        slow process is never mistaken for a failed operation."""
         self._next_id += 1
         request = {"id": self._next_id, "op": op, **fields}
+        if timeout is not None:
+            request["timeout"] = timeout
+        wait = 30.0 if timeout is None else timeout + 30.0
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
         try:
-            reply = self._replies.get(timeout=timeout)
+            reply = self._replies.get(timeout=wait)
         except queue.Empty:
-            raise TimeoutError(f"{self.name}: no reply to {op} in {timeout}s") from None
+            raise TimeoutError(f"{self.name}: no reply to {op} in {wait}s") from None
         if reply is None:
             raise RuntimeError(f"{self.name} exited: {self.stderr()}")
         assert reply["id"] == self._next_id, reply
