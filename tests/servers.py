@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -56,12 +57,44 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections (and for bind to 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+_port_picker = random.Random()  # its own state: a test seeding `random` must not pin ports
+_ports_given: deque[int] = deque(maxlen=256)  # not handed out twice before they are bound
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    It is picked below the kernel's ephemeral range when there is room: a port the OS hands
+    out for bind(0) is also the range it takes the local ports of outgoing connections from,
+    so one of the many client connections a test makes (or a client reconnecting to a dead
+    server's port, which can connect to itself) could take it before the server meant for it
+    binds it. Nobody else takes a port outside that range by chance."""
+    ephemeral = _ephemeral_ports()
+    low, high = 10_000, min(ephemeral.start, 65_536) - 1
+    for _ in range(100 if high - low > 1000 else 0):
+        port = _port_picker.randint(low, high)
+        if port in _ports_given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _ports_given.append(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def port_is_bindable(port: int) -> bool:
