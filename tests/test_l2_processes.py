@@ -149,7 +149,10 @@ def fleet(
 def test_one_load_per_key_in_the_fleet(fleet: Fleet) -> None:
     """Three processes miss one key together: one factory call; the others wait for its fill
     and return the same value."""
-    holder, *others = [fleet.spawn() for _ in range(3)]
+    # The others' lease wait is far longer than the test takes to see them waiting and
+    # release the holder (with the default 1 s, a loaded machine let a waiter give up and
+    # load itself first); a fill that never woke them still fails (result(10) below).
+    holder, *others = [fleet.spawn(lease_wait=30) for _ in range(3)]
     first = holder.start("get_or_set", key="k", value="from-holder", hold=True)
     holder.loading("k")
     waiting = [p.start("get_or_set", key="k", value="from-other") for p in others]
