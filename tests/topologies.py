@@ -440,7 +440,7 @@ class SentinelTopology:
 
     # -- faults ---------------------------------------------------------------------------
 
-    def failover(self, timeout: float = 15.0) -> RedisServer:
+    def failover(self, timeout: float = 30.0) -> RedisServer:
         """``SENTINEL FAILOVER`` (the old primary healthy); return the new primary once every
         sentinel names it. The old primary stays a writable ``master`` for a while after."""
         old = self.primary()
@@ -459,8 +459,12 @@ class SentinelTopology:
                 time.sleep(0.1)
         return self.wait_switched(old, max(deadline - time.monotonic(), 1.0))
 
-    def wait_switched(self, old: RedisServer, timeout: float = 15.0) -> RedisServer:
-        """Wait until every sentinel names a primary other than ``old``; return it."""
+    def wait_switched(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until every sentinel names a primary other than ``old``; return it.
+
+        A switch takes ~1-3.5 s here, but an election the Sentinels lose (split votes) is only
+        retried after twice ``failover-timeout`` (6 s): the budget allows for two of them on a
+        loaded machine."""
         old_address = self.address(old)
 
         def switched() -> RedisServer | None:
