@@ -245,7 +245,9 @@ class RedisServer:
     :attr:`connection_string` and :meth:`client`); ``tls`` makes the server TLS-only on
     :attr:`port`.  The port is chosen once and kept across :meth:`restart`.  With
     ``cluster_bus=True`` the server also gets a cluster bus port (:attr:`bus_port`), chosen
-    and kept the same way (port + 10000 may not exist).
+    and kept the same way (port + 10000 may not exist). ``host`` is the loopback address it
+    binds, is reached at and connects from (``bind-source-addr``); another than 127.0.0.1
+    tells its connections apart by their source (see :meth:`TcpProxy.isolate`).
     """
 
     START_TIMEOUT = 10.0
@@ -262,8 +264,10 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         cluster_bus: bool = False,
+        host: str = HOST,
     ) -> None:
         self.workdir = Path(workdir)
+        self._host = host
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "redis.log"
         self.password = password
@@ -280,7 +284,7 @@ class RedisServer:
 
     @property
     def host(self) -> str:
-        return HOST
+        return self._host
 
     @property
     def port(self) -> int:
@@ -328,7 +332,7 @@ class RedisServer:
         if self.client_password is not None:
             user = quote(self.username or "", safe="")
             auth = f"{user}:{quote(self.client_password, safe='')}@"
-        return f"{scheme}://{auth}{HOST}:{self._port}"
+        return f"{scheme}://{auth}{self._host}:{self._port}"
 
     @property
     def connection_string(self) -> str:
@@ -337,7 +341,7 @@ class RedisServer:
         TLS servers add ``ssl=True,sslCaFile=<ca path>`` (``sslCaFile`` is a nearcache
         extension).
         """
-        parts = [f"{HOST}:{self._port}"]
+        parts = [f"{self._host}:{self._port}"]
         if self.client_password is not None:
             parts.append(f"password={self.client_password}")
         if self.username is not None:
@@ -349,7 +353,7 @@ class RedisServer:
     def client_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis`` reaching this server; ``overrides`` win."""
         kwargs: dict[str, Any] = {
-            "host": HOST,
+            "host": self._host,
             "port": self._port,
             "socket_connect_timeout": 5.0,
             "socket_timeout": 10.0,
@@ -381,7 +385,7 @@ class RedisServer:
         args = [
             binary,
             "--bind",
-            HOST,
+            self._host,
             "--daemonize",
             "no",
             "--save",
@@ -418,6 +422,8 @@ class RedisServer:
             args += ["--protected-mode", "no"]
         for name, secret in self.acl_users.items():
             args += ["--user", name, "on", f">{secret}", "~*", "&*", "+@all"]
+        if self._host != HOST:
+            args += ["--bind-source-addr", self._host]
         if self._bus_port is not None:
             args += ["--cluster-port", str(self._bus_port)]
         args += list(self.extra_args)
@@ -571,7 +577,7 @@ class RedisServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         kind = "tls" if self.tls else "tcp"
-        return f"<RedisServer {kind} {HOST}:{self._port} pid={self.pid} {state}>"
+        return f"<RedisServer {kind} {self._host}:{self._port} pid={self.pid} {state}>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,7 +656,11 @@ class TcpProxy:
     * :meth:`isolate` resets every connection coming from one source address and refuses
       new ones from it, leaving the others alone (e.g. cut a primary off from Sentinels that
       connect from ``127.0.0.2``, while clients on ``127.0.0.1`` still reach it);
-      :meth:`rejoin` undoes it.
+      :meth:`rejoin` undoes it. The source is the peer's address: a ``redis-server`` started
+      with another ``host`` (:class:`RedisServer`) connects from it.
+
+    ``listen_host`` is the address the proxy listens on (default 127.0.0.1); a cluster node's
+    bus proxy listens on the node's own address, the one the cluster announces for it.
 
     A failed upstream dial (target down) resets the client connection.
     """
@@ -658,8 +668,11 @@ class TcpProxy:
     CONTROL_TIMEOUT = 5.0
     CONNECT_TIMEOUT = 2.0
 
-    def __init__(self, target_port: int, target_host: str = HOST) -> None:
+    def __init__(
+        self, target_port: int, target_host: str = HOST, *, listen_host: str = HOST
+    ) -> None:
         self.target = (target_host, target_port)
+        self._listen_host = listen_host
         self._listener: socket.socket | None = None
         self._port: int | None = None
         self._selector: selectors.BaseSelector | None = None
@@ -683,7 +696,7 @@ class TcpProxy:
 
     @property
     def host(self) -> str:
-        return HOST
+        return self._listen_host
 
     @property
     def port(self) -> int:
@@ -722,7 +735,7 @@ class TcpProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((HOST, 0))
+            listener.bind((self._listen_host, 0))
             listener.listen(128)
             listener.setblocking(False)
             wake_r, wake_w = socket.socketpair()

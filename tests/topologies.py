@@ -17,7 +17,8 @@ deadline, are torn down reliably (every child is also killed at interpreter exit
     ``REPLICATE`` (quicker than ``redis-cli --cluster create``, which sleeps a second per
     step). Faults: :meth:`~ClusterTopology.move_slot` (``SETSLOT IMPORTING/MIGRATING``,
     ``MIGRATE``, ``SETSLOT NODE``), :meth:`~ClusterTopology.kill` (``kill -9``),
-    :meth:`~ClusterTopology.isolate_minority` (every other primary ``SIGSTOP``\\ ped).
+    :meth:`~ClusterTopology.isolate_minority` (every other primary ``SIGSTOP``\\ ped), and with
+    ``bus_proxied=True`` :meth:`~ClusterTopology.cut_bus` (a real partition of one node).
 
 Timings measured here (2 cores, redis-server 7.0.15) are in docs/topologies.md.
 """
@@ -516,6 +517,13 @@ class ClusterTopology:
     about that long plus 0.5-1 s after the failure. ``proxied`` puts a :class:`TcpProxy`
     in front of each node's client port and announces it (``cluster-announce-port``), so
     redirections and ``CLUSTER SHARDS`` name the proxies.
+
+    ``bus_proxied`` gives each node a loopback address of its own (``127.0.0.11`` and up: it
+    listens there, announces it and connects from it) and puts its cluster bus behind a
+    :class:`TcpProxy` on that address (announced with ``cluster-announce-bus-port``). Every
+    bus connection then reaches a node through its proxy, which sees the connecting node's
+    address: :meth:`cut_bus` partitions one node from the others while its clients (and
+    its replica's replication link) still reach it.
     """
 
     READY_TIMEOUT = 30.0
@@ -530,10 +538,12 @@ class ClusterTopology:
         proxied: bool = False,
         node_timeout_ms: int = 1000,
         node_args: Sequence[str] = (),
+        bus_proxied: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.password = password
         self.proxied = proxied
+        self.bus_proxied = bus_proxied
         self.node_timeout_ms = node_timeout_ms
         args = [
             *_FAST_REPLICATION,
@@ -562,9 +572,11 @@ class ClusterTopology:
                     binary=binary,
                     extra_args=args,
                     cluster_bus=True,
+                    host=f"127.0.0.{11 + i}" if bus_proxied else HOST,
                 )
             )
         self._proxies: dict[int, TcpProxy] = {}
+        self._bus_proxies: dict[int, TcpProxy] = {}  # id(node) -> its bus proxy (bus_proxied)
         self.ids: dict[int, str] = {}  # id(node) -> cluster node id
 
     # -- addresses ------------------------------------------------------------------------
@@ -572,14 +584,19 @@ class ClusterTopology:
     def address(self, node: RedisServer) -> tuple[str, int]:
         """The address the cluster announces for ``node`` (its proxy when proxied)."""
         proxy = self._proxies.get(id(node))
-        return (HOST, proxy.port if proxy is not None else node.port)
+        return (node.host, proxy.port if proxy is not None else node.port)
 
     def proxy_of(self, node: RedisServer) -> TcpProxy:
         return self._proxies[id(node)]
 
+    def bus_port_of(self, node: RedisServer) -> int | None:
+        """The cluster bus port the cluster announces for ``node`` (its bus proxy's)."""
+        proxy = self._bus_proxies.get(id(node))
+        return proxy.port if proxy is not None else node.bus_port
+
     def node_client(self, node: RedisServer, **kwargs: Any) -> redis.Redis:
         """A direct (non-cluster) client of ``node``; close it."""
-        return _connect(HOST, node.port, password=self.password, **kwargs)
+        return _connect(node.host, node.port, password=self.password, **kwargs)
 
     def connection_string(self, *nodes: RedisServer, **options: str) -> str:
         """``host:port,host:port...[,password=...]`` naming the given nodes (default: all),
@@ -604,6 +621,16 @@ class ClusterTopology:
                     node.extra_args = (*node.extra_args, "--cluster-announce-port", str(proxy.port))
                     with self.node_client(node) as client:
                         client.config_set("cluster-announce-port", proxy.port)
+                if self.bus_proxied:
+                    assert node.bus_port is not None
+                    bus = TcpProxy(node.bus_port, node.host, listen_host=node.host).start()
+                    self._bus_proxies[id(node)] = bus
+                    announce = ("--cluster-announce-ip", node.host)
+                    announce += ("--cluster-announce-bus-port", str(bus.port))
+                    node.extra_args = (*node.extra_args, *announce)
+                    with self.node_client(node) as client:
+                        client.config_set("cluster-announce-ip", node.host)
+                        client.config_set("cluster-announce-bus-port", bus.port)
             self._build()
         except BaseException:
             self.stop()
@@ -623,7 +650,8 @@ class ClusterTopology:
                 high = SLOTS - 1 if i == self.PRIMARIES - 1 else low + per_primary - 1
                 _command(clients[i], "CLUSTER", "ADDSLOTSRANGE", low, high)
             for node in self.nodes[1:]:
-                _command(clients[0], "CLUSTER", "MEET", HOST, node.port, node.bus_port)
+                meet = (node.host, node.port, self.bus_port_of(node))
+                _command(clients[0], "CLUSTER", "MEET", *meet)
 
             def everyone_known() -> bool:
                 for client in clients:
@@ -650,7 +678,7 @@ class ClusterTopology:
                 node.stop(timeout=5.0)
             except Exception:
                 node.kill()
-        for proxy in self._proxies.values():
+        for proxy in [*self._proxies.values(), *self._bus_proxies.values()]:
             with contextlib.suppress(Exception):
                 proxy.close()
 
@@ -771,7 +799,8 @@ class ClusterTopology:
                 if not keys:
                     break
                 auth: list[Any] = [] if self.password is None else ["AUTH", self.password]
-                src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, *auth, "KEYS", *keys)
+                migrate = ("MIGRATE", target.host, target.port, "", 0, 5000, *auth, "KEYS", *keys)
+                src.execute_command(*migrate)
             # The new owner first, then the old one (the order redis-cli uses), then the rest.
             _command(dst, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
             _command(src, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
@@ -809,6 +838,17 @@ class ClusterTopology:
             freeze(other)
         return others
 
+    def cut_bus(self, node: RedisServer) -> None:
+        """Partition ``node`` (``bus_proxied`` only): every cluster bus connection between it
+        and the other nodes is reset and refused, both ways, while its client port stays
+        reachable. A primary cut off reports ``cluster_state:fail`` after about
+        ``node_timeout_ms`` and answers keyed commands with ``CLUSTERDOWN``; the others fail
+        its slots over to its replica. ``heal`` joins it again."""
+        for other in self.nodes:
+            if other is not node:
+                self._bus_proxies[id(node)].isolate(other.host)  # their links to it
+                self._bus_proxies[id(other)].isolate(node.host)  # its links to them
+
     def heal(self, timeout: float | None = None) -> None:
         """Undo every fault (thaw, restart what was killed, reset proxies) and wait until
         healthy. Roles may have swapped: look owners up again afterwards."""
@@ -816,6 +856,9 @@ class ClusterTopology:
             proxy.resume()
             proxy.accept()
             proxy.delay(0)
+        for proxy in self._bus_proxies.values():
+            for node in self.nodes:
+                proxy.rejoin(node.host)
         for node in self.nodes:
             thaw(node)
         for node in self.nodes:

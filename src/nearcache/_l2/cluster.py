@@ -2,13 +2,20 @@
 
 The L2's values spread over every slot of the cluster (their hash tag is per value), so the
 L2 cannot use the backplane's single placement. A :class:`ClusterRouter` keeps the slot map
-(``CLUSTER SLOTS``, asked again after any ``MOVED`` or lost connection) and one client per
-node, follows ``ASK`` during a slot migration (``ASKING`` and the script on the importing
-node, in one round trip), and sends a batch of scripts as one pipeline per node
+(``CLUSTER SLOTS``, asked again after any ``MOVED``, ``CLUSTERDOWN`` or lost connection) and
+one client per node, follows ``ASK`` during a slot migration (``ASKING`` and the script on
+the importing node, in one round trip), and sends a batch of scripts as one pipeline per node
 (:meth:`ClusterRouter.run_all`). redis-py's ``RedisCluster`` is not used: it connects and
 retries on its own schedule (a cache must never block its constructor, nor wait on hidden
 retries), and the read path needs its own short timeout. ``TRYAGAIN`` and ``CLUSTERDOWN``
 are the caller's failure (a read goes to the factory, a publish is retried).
+
+``CLUSTERDOWN`` comes from a primary cut off in a minority: it is alive and still names itself
+for its slots, while the majority fails them over to its replica. So the map is asked again
+(the connection string's endpoints, then the last map's nodes, the nodes that answered
+``CLUSTERDOWN`` last of all), and :meth:`ClusterRouter.run` sends the script once more if
+the new map names another node. That is at most one more ``CLUSTER SLOTS`` round per call:
+while the whole cluster is down every call still fails at once, as before.
 
 :class:`AsyncClusterRouter` is the asyncio flavour.
 """
@@ -22,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, ClusterDownError, MovedError
 
 from nearcache._config import Endpoint, RedisSettings
 from nearcache._core.topology import key_slot
@@ -65,8 +72,14 @@ class SlotMap:
         return list(dict.fromkeys(endpoint for _, _, endpoint in self._ranges))
 
 
-def _candidates(settings: RedisSettings, known: SlotMap | None) -> list[Endpoint]:
-    return list(dict.fromkeys([*(known.nodes if known else []), *settings.endpoints]))
+def _candidates(
+    settings: RedisSettings, known: SlotMap | None, down: frozenset[Endpoint]
+) -> list[Endpoint]:
+    """Whom to ask for the map: the connection string's endpoints, then the nodes of the last
+    map (the seeds may be gone for good), the nodes in ``down`` last (a minority node answers
+    with its stale map)."""
+    every = list(dict.fromkeys([*settings.endpoints, *(known.nodes if known else [])]))
+    return [e for e in every if e not in down] + [e for e in every if e in down]
 
 
 def _unavailable(reasons: list[str]) -> redis.ConnectionError:
@@ -84,6 +97,10 @@ class _Routing(Generic[_Client]):
         self._settings = settings
         self._client_kwargs = client_kwargs
         self._map: SlotMap | None = None
+        self._last_map: SlotMap | None = None  # kept when _map is dropped: its nodes are asked
+        # Nodes whose latest answer was CLUSTERDOWN (asked last for the map); replaced, never
+        # changed in place, as the threaded router's callers read it concurrently.
+        self._down: frozenset[Endpoint] = frozenset()
         self._clients: dict[Endpoint, _Client] = {}
         self._scripts: dict[tuple[Endpoint, str], Any] = {}
         self._closed = False
@@ -107,6 +124,25 @@ class _Routing(Generic[_Client]):
             self._map = None
             raise redis.ConnectionError(f"no cluster node serves the slot of {key!r}")
         return owner
+
+    def _map_from(self, reply: Any, endpoint: Endpoint) -> SlotMap:
+        self._map = self._last_map = SlotMap(reply, endpoint)
+        return self._map
+
+    def _went_down(self, endpoint: Endpoint) -> None:
+        """``endpoint`` answered ``CLUSTERDOWN``: drop the map (asked again, that node last)."""
+        self._map = None
+        self._down = self._down | {endpoint}
+
+    def _answered(self, endpoint: Endpoint) -> None:
+        if endpoint in self._down:
+            self._down = self._down - {endpoint}
+
+    def _still_down(self, endpoint: Endpoint, refused: ClusterDownError | None) -> None:
+        """Raise ``refused`` (met earlier in this call) if the map asked again still names a
+        node that answered ``CLUSTERDOWN``: one more try per call, and only elsewhere."""
+        if refused is not None and endpoint in self._down:
+            raise refused
 
 
 class ClusterRouter(_Routing[redis.Redis]):
@@ -132,14 +168,13 @@ class ClusterRouter(_Routing[redis.Redis]):
         if known is not None:
             return known
         reasons: list[str] = []
-        for endpoint in _candidates(self._settings, None):
+        for endpoint in _candidates(self._settings, self._last_map, self._down):
             try:
                 reply = self._client(endpoint).execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except (redis.RedisError, OSError) as exc:
                 reasons.append(f"{endpoint}: {type(exc).__name__}: {exc}")
                 continue
-            self._map = SlotMap(reply, endpoint)
-            return self._map
+            return self._map_from(reply, endpoint)
         raise _unavailable(reasons)
 
     def _owner(self, key: str) -> Endpoint:
@@ -147,18 +182,29 @@ class ClusterRouter(_Routing[redis.Redis]):
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script on the node serving ``keys[0]``; redis-py's errors propagate."""
+        refused: ClusterDownError | None = None
         for _ in range(_REDIRECTS):
             endpoint = self._owner(keys[0])
+            self._still_down(endpoint, refused)
             try:
-                return self._script(endpoint, source)(keys=keys, args=args)
+                reply = self._script(endpoint, source)(keys=keys, args=args)
             except MovedError:
                 self._map = None  # asked again at once
+                continue
             except AskError as exc:
                 return self._asking(Endpoint(exc.host, int(exc.port)), source, keys, args)
+            except ClusterDownError as exc:
+                self._went_down(endpoint)  # a minority: its slots may have failed over
+                if refused is not None:
+                    raise
+                refused = exc
+                continue
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 self._map = None  # the node may be gone: its slots have a new owner
                 raise
-        raise redis.ConnectionError(f"the slot of {keys[0]!r} keeps moving")
+            self._answered(endpoint)
+            return reply
+        raise refused or redis.ConnectionError(f"the slot of {keys[0]!r} keeps moving")
 
     def _asking(
         self, endpoint: Endpoint, source: str, keys: Sequence[str], args: Sequence[Any]
@@ -170,7 +216,8 @@ class ClusterRouter(_Routing[redis.Redis]):
 
     def run_all(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run many scripts, one pipeline per node; their replies in order. A call that met a
-        redirection is run again on its own; any other error reply is raised."""
+        redirection is run again on its own; any other error reply is raised (after
+        ``CLUSTERDOWN`` the map is asked again by the next call)."""
         groups: dict[Endpoint, list[int]] = {}
         for index, (_, keys, _) in enumerate(calls):
             groups.setdefault(self._owner(keys[0]), []).append(index)
@@ -191,6 +238,8 @@ class ClusterRouter(_Routing[redis.Redis]):
                         self._map = None
                     replies[index] = self.run(*calls[index])
                 elif isinstance(result, Exception):
+                    if isinstance(result, ClusterDownError):
+                        self._went_down(endpoint)
                     raise result
                 else:
                     replies[index] = result
@@ -222,14 +271,13 @@ class AsyncClusterRouter(_Routing[redis.asyncio.Redis]):
         if known is not None:
             return known
         reasons: list[str] = []
-        for endpoint in _candidates(self._settings, None):
+        for endpoint in _candidates(self._settings, self._last_map, self._down):
             try:
                 reply = await self._client(endpoint).execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except (redis.RedisError, OSError) as exc:
                 reasons.append(f"{endpoint}: {type(exc).__name__}: {exc}")
                 continue
-            self._map = SlotMap(reply, endpoint)
-            return self._map
+            return self._map_from(reply, endpoint)
         raise _unavailable(reasons)
 
     async def _owner(self, key: str) -> Endpoint:
@@ -237,18 +285,29 @@ class AsyncClusterRouter(_Routing[redis.asyncio.Redis]):
 
     async def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """See :meth:`ClusterRouter.run`."""
+        refused: ClusterDownError | None = None
         for _ in range(_REDIRECTS):
             endpoint = await self._owner(keys[0])
+            self._still_down(endpoint, refused)
             try:
-                return await self._script(endpoint, source)(keys=keys, args=args)
+                reply = await self._script(endpoint, source)(keys=keys, args=args)
             except MovedError:
                 self._map = None
+                continue
             except AskError as exc:
                 return await self._asking(Endpoint(exc.host, int(exc.port)), source, keys, args)
+            except ClusterDownError as exc:
+                self._went_down(endpoint)
+                if refused is not None:
+                    raise
+                refused = exc
+                continue
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 self._map = None
                 raise
-        raise redis.ConnectionError(f"the slot of {keys[0]!r} keeps moving")
+            self._answered(endpoint)
+            return reply
+        raise refused or redis.ConnectionError(f"the slot of {keys[0]!r} keeps moving")
 
     async def _asking(
         self, endpoint: Endpoint, source: str, keys: Sequence[str], args: Sequence[Any]
@@ -280,6 +339,8 @@ class AsyncClusterRouter(_Routing[redis.asyncio.Redis]):
                         self._map = None
                     replies[index] = await self.run(*calls[index])
                 elif isinstance(result, Exception):
+                    if isinstance(result, ClusterDownError):
+                        self._went_down(endpoint)
                     raise result
                 else:
                     replies[index] = result
