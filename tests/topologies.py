@@ -453,9 +453,12 @@ class SentinelTopology:
                 break
             except redis.ResponseError as exc:
                 # The sentinel may still be finishing the previous failover's state machine
-                # (INPROG) although every health check already passes: the fault is asked for
-                # again once that one is over, never left out.
-                if "INPROG" not in str(exc) or time.monotonic() > deadline:
+                # (INPROG), or judge the replica by an INFO taken before it was healed (it
+                # refreshes it every 10 s: NOGOODSLAVE while that one shows the replica's
+                # link down), although every health check already passes: the fault is
+                # asked for again once the sentinel agrees, never left out.
+                busy = any(code in str(exc) for code in ("INPROG", "NOGOODSLAVE"))
+                if not busy or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
         return self.wait_switched(old, max(deadline - time.monotonic(), 1.0))
