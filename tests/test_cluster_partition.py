@@ -164,6 +164,32 @@ def test_l2_writes_and_reads_leave_a_primary_cut_off_in_a_minority(
             message="the threaded instance to see w2",
         )
         assert loads == []
+        # An instance whose connection string names the cut-off node first (every instance
+        # of an app has the same string) starts on the new owner: that node's map, which
+        # still names itself for the slot, is used only if no other node gives one. Before,
+        # it subscribed there again and again, and its start failed (abortConnect).
+        others = [node for node in cluster.nodes if node is not owner]
+        late = [
+            fleet.make(
+                cluster.connection_string(owner, *others),
+                propagate="invalidate",
+                max_staleness=STALENESS,
+            )
+            for fleet in (sync, aio)
+        ]
+        for fleet, cache in zip((sync, aio), late, strict=True):
+            assert cache.backplane_state.value == "connected"
+            assert fleet.run(cache.get_or_set(a_key, load(a_key))) == "v2"  # from L2
+        received = [cache.stats().invalidations_received for cache in late]
+        sync.run(a.remove(a_key))
+        sync.run(a.flush(timeout=FLUSH_TIMEOUT))
+        for cache, before in zip(late, received, strict=True):
+            wait_until(
+                lambda c=cache, b=before: c.stats().invalidations_received > b,
+                STALENESS + 5,
+                message="a late instance to receive a's invalidation on the new owner",
+            )
+        assert loads == []
         # Healed, the cut-off node learns that its replica took over and follows it.
         cluster.heal()
         assert cluster.replica_of(replica) is owner

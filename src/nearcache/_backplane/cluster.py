@@ -10,6 +10,9 @@ channel's name there. Nothing is configured per topology beyond the connection s
   version, its mode and its role). A replica is skipped; a Sentinel is refused (the string
   lacks ``serviceName``); a cluster node (``mode:cluster``, as StackExchange.Redis detects
   it) is asked ``CLUSTER SLOTS``, and the placement is the primary of the channel's slot.
+  A node that reports ``cluster_state:fail`` (cut off in a minority, or the whole cluster
+  down) is asked too, but its map is used only if no other endpoint gives one: a primary
+  left in a minority still names itself for slots the majority has moved to its replica.
 
 On a cluster the channel is hash-tagged (:func:`~nearcache._core.topology.cluster_channel`),
 sharded Pub/Sub is required (Redis 7.0 or later) and only database 0 exists; each is checked
@@ -125,12 +128,55 @@ def _probe_kwargs(settings: RedisSettings, endpoint: Endpoint | None) -> dict[st
     return {**node_kwargs(settings, endpoint), "db": 0}
 
 
+def _cluster_failing(info: Any) -> bool:
+    """Whether a ``CLUSTER INFO`` reply (text, or redis-py's parsed dict) says
+    ``cluster_state:fail``."""
+    if isinstance(info, dict):
+        return str(info.get("cluster_state", "")) == "fail"
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return "cluster_state:fail" in text
+
+
+class _Search:
+    """The endpoints' answers, in the order they are tried: the first placement from a node
+    whose cluster state is ok wins; one from a node reporting ``cluster_state:fail`` is only
+    kept as the last resort (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.best: Placement | None = None  # the placement found, or the last resort
+
+    def answered(self, endpoint: Endpoint | None, found: Placement | str, failing: bool) -> bool:
+        """Record one endpoint's answer; return whether the search is over (:attr:`found`)."""
+        if isinstance(found, str):
+            self.reasons.append(found)
+            return False
+        if failing:
+            self.reasons.append(f"{endpoint}: cluster_state:fail")
+            if self.best is None:
+                self.best = found
+            return False
+        self.best = found
+        return True
+
+    def failed(self, endpoint: Endpoint | None, exc: BaseException) -> None:
+        self.reasons.append(_probe_error(endpoint, exc))
+
+    def result(self, settings: RedisSettings) -> Placement:
+        """The placement found, else a failing node's, else :class:`BackplaneUnavailableError`."""
+        if self.best is None:
+            raise _unavailable(settings, self.reasons)
+        return self.best
+
+
 def _probe(
     settings: RedisSettings,
     channel: str,
     endpoint: Endpoint | None,
     probes: set[redis.Redis] | None = None,
-) -> Placement | str:
+) -> tuple[Placement | str, bool]:
+    """The endpoint's placement (or why it is skipped), and whether it reports
+    ``cluster_state:fail``."""
     with redis.Redis(**_probe_kwargs(settings, endpoint)) as client, _probing(client, probes):
         error: redis.ResponseError | None = None
         reply: Any = None
@@ -140,13 +186,16 @@ def _probe(
             error = exc
         traits = _traits_from(reply, error)
         slots: Any = None
+        failing = False
         if traits.mode in ("cluster", "unknown"):
             try:
                 slots = client.execute_command("CLUSTER", "SLOTS")
             except redis.ResponseError as exc:
                 if not _is_cluster_disabled(exc):
                     raise
-        return _decide(settings, channel, endpoint, traits, slots)
+            if slots is not None:
+                failing = _cluster_failing(client.execute_command("CLUSTER", "INFO"))
+        return _decide(settings, channel, endpoint, traits, slots), failing
 
 
 @contextlib.contextmanager
@@ -180,7 +229,7 @@ def locate(
     if sentinels is not None:
         claim = sentinels.primary()
         try:
-            found = _probe(settings, channel, claim.endpoint, probes)
+            found, _ = _probe(settings, channel, claim.endpoint, probes)
         except (redis.RedisError, OSError) as exc:
             raise BackplaneUnavailableError(
                 "the primary the Sentinels name is unreachable: "
@@ -191,22 +240,20 @@ def locate(
         return Placement(
             found.endpoint, found.channel, found.traits, claim=claim, quorum=sentinels.quorum
         )
-    reasons: list[str] = []
+    search = _Search()
     for endpoint in _candidates(settings):
         try:
-            found = _probe(settings, channel, endpoint, probes)
+            if search.answered(endpoint, *_probe(settings, channel, endpoint, probes)):
+                break
         except (redis.RedisError, OSError) as exc:
-            reasons.append(_probe_error(endpoint, exc))
-            continue
-        if isinstance(found, Placement):
-            return found
-        reasons.append(found)
-    raise _unavailable(settings, reasons)
+            search.failed(endpoint, exc)
+    return search.result(settings)
 
 
 async def _aprobe(
     settings: RedisSettings, channel: str, endpoint: Endpoint | None
-) -> Placement | str:
+) -> tuple[Placement | str, bool]:
+    """See :func:`_probe`."""
     client = redis.asyncio.Redis(**_probe_kwargs(settings, endpoint))
     try:
         error: redis.ResponseError | None = None
@@ -217,13 +264,17 @@ async def _aprobe(
             error = exc
         traits = _traits_from(reply, error)
         slots: Any = None
+        failing = False
         if traits.mode in ("cluster", "unknown"):
             try:
                 slots = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except redis.ResponseError as exc:
                 if not _is_cluster_disabled(exc):
                     raise
-        return _decide(settings, channel, endpoint, traits, slots)
+            if slots is not None:
+                info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                failing = _cluster_failing(info)
+        return _decide(settings, channel, endpoint, traits, slots), failing
     finally:
         # Abort first: a cancel (aclose of the cache) may land in the await below.
         from nearcache._backplane.aioredis import abort_connections
@@ -240,7 +291,7 @@ async def alocate(
     if sentinels is not None:
         claim = await sentinels.primary()
         try:
-            found = await _aprobe(settings, channel, claim.endpoint)
+            found, _ = await _aprobe(settings, channel, claim.endpoint)
         except (redis.RedisError, OSError) as exc:
             raise BackplaneUnavailableError(
                 "the primary the Sentinels name is unreachable: "
@@ -251,14 +302,11 @@ async def alocate(
         return Placement(
             found.endpoint, found.channel, found.traits, claim=claim, quorum=sentinels.quorum
         )
-    reasons: list[str] = []
+    search = _Search()
     for endpoint in _candidates(settings):
         try:
-            found = await _aprobe(settings, channel, endpoint)
+            if search.answered(endpoint, *await _aprobe(settings, channel, endpoint)):
+                break
         except (redis.RedisError, OSError) as exc:
-            reasons.append(_probe_error(endpoint, exc))
-            continue
-        if isinstance(found, Placement):
-            return found
-        reasons.append(found)
-    raise _unavailable(settings, reasons)
+            search.failed(endpoint, exc)
+    return search.result(settings)
