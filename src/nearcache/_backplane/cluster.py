@@ -147,7 +147,7 @@ class _Search:
         self.best: Placement | None = None  # the placement found, or the last resort
 
     def answered(self, endpoint: Endpoint | None, found: Placement | str, failing: bool) -> bool:
-        """Record one endpoint's answer; return whether the search is over (:attr:`found`)."""
+        """Record one endpoint's answer; return whether the search is over (:attr:`best`)."""
         if isinstance(found, str):
             self.reasons.append(found)
             return False

@@ -289,15 +289,10 @@ class AsyncSentinelResolver:
         self.errors: list[str | None] = [None] * len(self._clients)
         self._asking: list[asyncio.Task[None] | None] = [None] * len(self._clients)
         self._again = [False] * len(self._clients)
-        self._answered: Signal | None = None  # made on the loop, at first use
+        self._answered = Signal()  # an answer (or error) was recorded
         self._closed = False
         self._watchers: list[asyncio.Task[None]] = []
         self._watching = 0  # watch tasks subscribed now
-
-    def _signal(self) -> Signal:
-        if self._answered is None:
-            self._answered = Signal()
-        return self._answered
 
     def ask(self) -> float:
         """Start a round (see :meth:`SentinelResolver.ask`); needs a running loop."""
@@ -342,14 +337,14 @@ class AsyncSentinelResolver:
         self.errors[index] = error
         if error is None:
             self.quorum.record(index, asked_at, claim)
-        self._signal().notify()
+        self._answered.notify()
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """See :meth:`SentinelResolver.wait`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            answered = self._signal().ticket()  # before the check: no answer goes unseen
+            answered = self._answered.ticket()  # before the check: no answer goes unseen
             if predicate():
                 return True
             remaining = deadline - loop.time()
