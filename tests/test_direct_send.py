@@ -172,7 +172,11 @@ def test_writers_on_many_threads_keep_each_ones_order(
     and the receiver sees no sequence gap (batches left in order)."""
     with (
         NearCache(redis_server.url, channel=channel, abort_connect=True) as writer,
-        NearCache(redis_server.url, channel=channel, abort_connect=True) as reader,
+        # max_staleness=10: a GIL pause of the reader's listener behind the four writer
+        # threads must not pass for a silent connection (a resubscription is not tested here)
+        NearCache(
+            redis_server.url, channel=channel, abort_connect=True, max_staleness=10
+        ) as reader,
     ):
         writer.set("warm", 1)
         writer.flush()
