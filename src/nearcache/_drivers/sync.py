@@ -411,14 +411,29 @@ class NearCache(CacheCommon):
         """
         if region is not None or type(key) is not str or not key.isascii():
             check_key(key, region)  # (an ASCII str key of the default region always passes)
-        data = None if self._core.sharing is None else self._serialize(key, value, region)
+        core = self._core
+        if core.sharing is None:
+            # The plain path, inlined (CacheCore.set and CacheCore.remove do the same): two
+            # Python frames fewer between the caller and the outbox, ~20% of a networked set.
+            lock = self._lock
+            lock.acquire()  # not `with`: the context-manager protocol doubles this path's cost
+            try:
+                if self._state is _CLOSED:
+                    self._check_open()  # raises
+                core.store.set(key, value, region, ttl, sliding)
+                if core.networked and core.outbox.add_key(region, key):
+                    self._wake_sender()
+            finally:
+                lock.release()
+            return
+        data = self._serialize(key, value, region)
         lock = self._lock
-        lock.acquire()  # not `with`: the context-manager protocol doubles this path's cost
+        lock.acquire()
         try:
             if self._state is _CLOSED:
                 self._check_open()  # raises
             since = self._log_position() if data is not None else None
-            if self._core.set(key, value, region, ttl, sliding, data, since):
+            if core.set(key, value, region, ttl, sliding, data, since):
                 self._wake_sender()
         finally:
             lock.release()
