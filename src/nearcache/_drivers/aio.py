@@ -35,6 +35,7 @@ from nearcache._core.l2 import L2Options
 from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
+    CLOSED,
     CacheCommon,
     CacheState,
     ClosedStore,
@@ -54,6 +55,7 @@ __all__ = ["AsyncNearCache"]
 
 log = logging.getLogger("nearcache")
 T = TypeVar("T")
+_CLOSED = CLOSED  # the hot paths compare with a module constant (see common.CLOSED)
 
 
 class AsyncNearCache(CacheCommon):
@@ -372,20 +374,26 @@ class AsyncNearCache(CacheCommon):
     ) -> None:
         """Cache ``value`` here and make every other instance drop its copy of ``key``. See
         :meth:`NearCache.set` for ``l2=True`` and ``propagate="update"``."""
-        check_key(key, region)
-        self._check_open()
+        if region is not None or type(key) is not str or not key.isascii():
+            check_key(key, region)  # (an ASCII str key of the default region always passes)
+        if self._state is _CLOSED:
+            self._check_open()  # raises
         if not self._started:
             await self.start()
-        sharing = self._core.sharing
-        data = None
-        if sharing is not None:
-            try:
-                data = sharing.serialize(value, key, region)
-            except SerializationError:
-                await self.remove(key, region=region)  # never left stale anywhere
-                raise
-        since = self._log_position() if data is not None else None
-        if self._core.set(key, value, region, ttl, sliding, data, since):
+        core = self._core
+        sharing = core.sharing
+        if sharing is None:
+            # The plain path, inlined as in NearCache.set: two Python frames fewer.
+            core.store.set(key, value, region, ttl, sliding)
+            if core.networked and core.outbox.add_key(region, key):
+                self._kick()
+            return
+        try:
+            data = sharing.serialize(value, key, region)
+        except SerializationError:
+            await self.remove(key, region=region)  # never left stale anywhere
+            raise
+        if core.set(key, value, region, ttl, sliding, data, self._log_position()):
             self._kick()
 
     async def write(
