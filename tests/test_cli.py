@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import redis
@@ -173,6 +174,97 @@ def test_board_renders_a_row_per_instance_and_latency_percentiles() -> None:
     assert row_b[-1] == "5.00 ms"
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert format_latency(float("nan")) == "-"
+
+
+class _Clock:
+    """The demo coordinator's clock, moved by the fake instances below (nothing sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Reply:
+    def __init__(self, reply: dict[str, object]) -> None:
+        self.reply = reply
+
+    def wait(self, timeout: float, stage: str = "done") -> dict[str, object]:
+        return self.reply
+
+
+class _Instance:
+    """Answers the final check's requests: every flush returns at once; a verify takes
+    ``takes`` seconds and finds product 1's price stale if it starts before ``stale_until``."""
+
+    name = "B"
+
+    def __init__(
+        self, clock: _Clock, stale_until: float, takes: float, flushed: bool = True
+    ) -> None:
+        self.clock, self.stale_until, self.takes, self.flushed = clock, stale_until, takes, flushed
+
+    def send(self, op: str, **args: object) -> _Reply:
+        if op == "flush":
+            return _Reply({"flushed": self.flushed})
+        if op != "verify":
+            return _Reply({})
+        stale = self.clock.now < self.stale_until
+        self.clock.now += self.takes
+        found = ["prices/1: v1, SQLite has v2"] if stale else []
+        return _Reply({"checked": 400, "stale": found, "stale_count": len(found)})
+
+
+def _final_check(
+    monkeypatch: pytest.MonkeyPatch, stale_for: float, takes: float, flushed: bool = True
+) -> tuple[bool, str]:
+    """Run the demo's final check (max_staleness 1 s) against one fake instance whose
+    verifies are stale for ``stale_for`` seconds after its flush returned."""
+    from nearcache._cli.demo import scenario
+
+    clock = _Clock()
+    monkeypatch.setattr(scenario, "time", clock)
+    board = Board(["B"], io.StringIO(), live=False)
+    demo = scenario._Demo(scenario.DemoOptions(), board, "", "c", Path("."), None)
+    demo.instances = [_Instance(clock, clock.now + stale_for, takes, flushed)]  # type: ignore[list-item]
+    demo._converge()
+    check = board.checks[-1]
+    return check.ok, check.text
+
+
+def test_demo_final_check_asks_again_while_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale answer from a verify that started within max_staleness of the last flush() is
+    allowed by the bound, however long that verify took (4 s here, on a loaded machine): the
+    check asks again (it used to judge by the first verify ending after max_staleness + 2 s)."""
+    ok, text = _final_check(monkeypatch, stale_for=0.5, takes=4.0)
+    assert ok, text
+    assert text.startswith("converged")
+
+
+def test_demo_final_check_fails_a_stale_answer_past_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale answer from a verify that started more than max_staleness after every flush()
+    returned is a violation, even if a later verify would find none (it used to be retried
+    for 2 s more and pass)."""
+    ok, text = _final_check(monkeypatch, stale_for=1.5, takes=0.1)
+    assert not ok
+    assert text.startswith("NOT converged: 1 stale answers")
+    assert "B: prices/1: v1, SQLite has v2" in text
+
+
+def test_demo_final_check_needs_every_flush_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance that cannot flush leaves writes outside the bound: the check fails and
+    says why instead of comparing."""
+    ok, text = _final_check(monkeypatch, stale_for=0.0, takes=0.1, flushed=False)
+    assert not ok
+    assert "B could not flush" in text
 
 
 # -- monitor ---------------------------------------------------------------------------------
