@@ -58,6 +58,7 @@ from nearcache._exceptions import ConfigurationWarning
 __all__ = ["DemoOptions", "DemoSetupError", "run_demo"]
 
 _CALL_TIMEOUT = 5.0
+_VERIFY_TIMEOUT = 30.0
 _WATCH_TIMEOUT = 3.0
 _START_TIMEOUT = 20.0
 _UPDATE_EVERY = 0.25
@@ -425,10 +426,16 @@ class _Demo:
                 raise _Aborted
             time.sleep(0.02)
 
-    def _each(self, instances: Sequence[InstanceProcess], op: str, **args: Any) -> list[Any]:
+    def _each(
+        self,
+        instances: Sequence[InstanceProcess],
+        op: str,
+        timeout: float = _CALL_TIMEOUT,
+        **args: Any,
+    ) -> list[Any]:
         """Send one request to several instances at once; return their replies in order."""
         calls = [i.send(op, **args) for i in instances]
-        return [call.wait(_CALL_TIMEOUT) for call in calls]
+        return [call.wait(timeout) for call in calls]
 
     def _propagate(
         self,
@@ -771,7 +778,8 @@ class _Demo:
             return
         while True:
             started = time.monotonic()
-            replies = self._each(self.instances, "verify")
+            # A verify reads every product in both regions: seconds on a loaded machine.
+            replies = self._each(self.instances, "verify", timeout=_VERIFY_TIMEOUT)
             stale = sum(r["stale_count"] for r in replies)
             if stale == 0 or started > settled + bound:
                 break
