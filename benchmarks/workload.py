@@ -525,22 +525,32 @@ def run(options: Options, env: Env) -> list[Row]:
     figures: dict[tuple[str, float], dict[str, list[float]]] = {}
     cold: dict[str, dict[str, Any]] = {}
     steady: dict[str, dict[str, list[float]]] = {}
+    db_path = tmp / "items.sqlite3"
+
+    def fresh_run(
+        contender: str, rep: int, keys_warm: int, delay: float, seconds: float, cold: bool = False
+    ) -> dict[str, Any]:
+        """One run on a new database (every run starts from version 0) and a new channel."""
+        create_database(db_path)
+        channel = f"bench-app-{uuid.uuid4().hex[:8]}"
+        _prepare(contender, server, db_path, channel)
+        try:
+            return _one_run(
+                contender, server.url, str(db_path), warmup, seconds, rep, keys_warm,
+                delay / 1000, channel, cold,
+            )  # fmt: skip
+        finally:
+            db_path.unlink()
+
     try:
-        db_path = tmp / "items.sqlite3"
         for latency in latencies:
             for rep in range(reps):
                 for contender in contenders:
-                    create_database(db_path)  # every run starts from version 0
-                    channel = f"bench-app-{uuid.uuid4().hex[:8]}"
-                    _prepare(contender, server, db_path, channel)
                     env.log(
                         f"workload: db +{latency:g} ms, rep {rep + 1}/{reps}: {contender}, "
                         f"{PROCESSES} processes, {warmup}+{duration}s"
                     )
-                    r = _one_run(
-                        contender, server.url, str(db_path), warmup, duration, rep, prewarm,
-                        latency / 1000, channel,
-                    )  # fmt: skip
+                    r = fresh_run(contender, rep, prewarm, latency, duration)
                     f = figures.setdefault((contender, latency), {})
                     counters = r.pop("counters")
                     if counters and rep == 0:
@@ -548,38 +558,23 @@ def run(options: Options, env: Env) -> list[Row]:
                         env.notes.append(f"workload: {contender}, db +{latency:g} ms: {shown}")
                     for key, value in r.items():
                         f.setdefault(key, []).append(value)
-                    db_path.unlink()
         latency = max(latencies)
         for rep in range(0 if options.quick else STEADY_REPS):
             for contender in contenders:
-                create_database(db_path)
-                channel = f"bench-app-{uuid.uuid4().hex[:8]}"
-                _prepare(contender, server, db_path, channel)
                 env.log(
                     f"workload: steady state at db +{latency:g} ms, rep {rep + 1}/"
                     f"{STEADY_REPS}: {contender} (all {N_KEYS:,} keys read before the clock)"
                 )
-                r = _one_run(
-                    contender, server.url, str(db_path), warmup, duration, rep, N_KEYS,
-                    latency / 1000, channel,
-                )  # fmt: skip
+                r = fresh_run(contender, rep, N_KEYS, latency, duration)
                 f = steady.setdefault(contender, {})
                 r.pop("counters")
                 for key, value in r.items():
                     f.setdefault(key, []).append(value)
-                db_path.unlink()
         for contender in contenders:
             if contender in (REDIS_ONLY, CSC):
                 continue  # nothing local to warm
-            create_database(db_path)
-            channel = f"bench-app-{uuid.uuid4().hex[:8]}"
-            _prepare(contender, server, db_path, channel)
             env.log(f"workload: cold start at db +{latency:g} ms: {contender}")
-            cold[contender] = _one_run(
-                contender, server.url, str(db_path), warmup, cold_duration, 0, prewarm,
-                latency / 1000, channel, cold=True,
-            )  # fmt: skip
-            db_path.unlink()
+            cold[contender] = fresh_run(contender, 0, prewarm, latency, cold_duration, cold=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows: list[Row] = []
