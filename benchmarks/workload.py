@@ -599,6 +599,15 @@ def run(options: Options, env: Env) -> list[Row]:
     return rows
 
 
+def _stale_row(contender: str, f: dict[str, list[float]], at: str) -> Row:
+    """Reads past the bound (a target of 0 for nearcache), and reads older than any write."""
+    stale = Row(NAME, contender, f"stale reads past 2 s, {at}", "stale reads", f["stale"])
+    if contender in NEARCACHES:
+        stale.target = Target("value", "<=", 0, "0")
+    stale.note = f"reads older than a completed write: {sum(f['stale0']):,.0f} in total"
+    return stale
+
+
 def _steady_rows(
     steady: dict[str, dict[str, list[float]]], contenders: list[str], latency: float
 ) -> list[Row]:
@@ -619,11 +628,7 @@ def _steady_rows(
             if contender in L2_CONTENDERS:
                 ops.target = Target("ratio", ">=", 3.0, ">= 3x Redis-only")
         rows.append(ops)
-        stale = Row(NAME, contender, f"stale reads past 2 s, {at}", "stale reads", f["stale"])
-        if contender in NEARCACHES:
-            stale.target = Target("value", "<=", 0, "0")
-        stale.note = f"reads older than a completed write: {sum(f['stale0']):,.0f} in total"
-        rows.append(stale)
+        rows.append(_stale_row(contender, f, at))
     return rows
 
 
@@ -678,9 +683,5 @@ def _rows(
                 vs_local.target = Target("ratio", "<=", 1.3, "within 1.3x")
             rows.append(vs_local)
         rows.append(Row(NAME, contender, f"p99 read latency us, {at}", "us", f["p99"]))
-        stale = Row(NAME, contender, f"stale reads past 2 s, {at}", "stale reads", f["stale"])
-        if contender in NEARCACHES:
-            stale.target = Target("value", "<=", 0, "0")
-        stale.note = f"reads older than a completed write: {sum(f['stale0']):,.0f} in total"
-        rows.append(stale)
+        rows.append(_stale_row(contender, f, at))
     return rows
