@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -529,3 +530,56 @@ def test_cli_import_loads_neither_redis_nor_rich() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert result.stdout.split() == ["False", "False"]
+
+
+class _WatchTime:
+    """The demo instance's clock in a watch test: ``sleep`` moves it and, the first time,
+    drops the watched entry (the invalidation arriving while the watcher polls)."""
+
+    def __init__(self, drop: Callable[[], None]) -> None:
+        self.now = 1000.0
+        self._drop: Callable[[], None] | None = drop
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if self._drop is not None:
+            drop, self._drop = self._drop, None
+            drop()
+        self.now += seconds
+
+
+def test_demo_watch_counts_its_timeout_from_arming(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher whose arming took longer than its timeout (a loaded machine) still waits
+    for the writer it just let go: the drop that comes after arming is seen, not missed."""
+    from nearcache._cli.demo import catalog
+    from nearcache._cli.demo import instance as demo_instance
+
+    db = tmp_path / "catalog.sqlite3"
+    catalog.create(db, products=5)
+    config = {
+        "name": "B",
+        "max_staleness": 1.0,
+        "db": str(db),
+        "products": 5,
+        "connection": redis_server.url,
+        "channel": "demo-watch-test",
+    }
+    node = demo_instance.Instance(config, io.StringIO())
+    clock = _WatchTime(lambda: node.cache.remove("1", region="products"))
+    monkeypatch.setattr(demo_instance, "time", clock)
+    read = node.read
+
+    def slow_read(region: str, product_id: int) -> Any:
+        clock.now += 5.0  # arming on a loaded machine: longer than the whole watch
+        return read(region, product_id)
+
+    monkeypatch.setattr(node, "read", slow_read)
+    try:
+        reply = node.op_watch({"id": 1, "region": "products", "key": 1, "timeout": 3.0})
+    finally:
+        node.cache.close()
+    assert reply["evicted"] is True

@@ -280,13 +280,16 @@ class Instance:
         """Make sure the key is in L1, say so ("armed"), then poll L1 until it is gone."""
         region, product_id = str(request["region"]), int(request["key"])
         key = str(product_id)
-        deadline = time.monotonic() + float(request.get("timeout", 3.0))
         for _ in range(20):  # a concurrent invalidation may beat the first load
             value, _ = self.read(region, product_id)
             if self.cache.get(key, MISSING, region) is value:
                 break
         else:
             raise RuntimeError(f"{region}/{key} would not stay in L1")
+        # From the moment the coordinator may let the writer go, not from the request's
+        # arrival: arming can take a while on a loaded machine, and that time is not the
+        # writer's.
+        deadline = time.monotonic() + float(request.get("timeout", 3.0))
         self.send({"id": request["id"], "stage": "armed", "version": value.version})
         while True:
             current = self.cache.get(key, MISSING, region)
