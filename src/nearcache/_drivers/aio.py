@@ -381,19 +381,20 @@ class AsyncNearCache(CacheCommon):
         if not self._started:
             await self.start()
         core = self._core
-        sharing = core.sharing
-        if sharing is None:
-            # The plain path, inlined as in NearCache.set: two Python frames fewer.
+        data = None
+        if core.sharing is not None:
+            try:
+                data = core.sharing.serialize(value, key, region)
+            except SerializationError:
+                await self.remove(key, region=region)  # never left stale anywhere
+                raise
+        if data is None:
+            # CacheCore.set's plain path, inlined as in NearCache.set.
             core.store.set(key, value, region, ttl, sliding)
-            if core.networked and core.outbox.add_key(region, key):
-                self._kick()
-            return
-        try:
-            data = sharing.serialize(value, key, region)
-        except SerializationError:
-            await self.remove(key, region=region)  # never left stale anywhere
-            raise
-        if core.set(key, value, region, ttl, sliding, data, self._log_position()):
+            wake = core.networked and core.outbox.add_key(region, key)
+        else:
+            wake = core.set(key, value, region, ttl, sliding, data, self._log_position())
+        if wake:
             self._kick()
 
     async def write(
