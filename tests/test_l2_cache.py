@@ -107,6 +107,7 @@ def test_a_miss_is_loaded_once_and_then_served_from_l2(fleet: Fleet) -> None:
     a, b = fleet.make(), fleet.make()
     calls: list[Any] = []
     assert fleet.run(a.get_or_set("k", factory({"v": 1}, calls), region="r")) == {"v": 1}
+    fleet.run(a.flush())  # its fill is answered: the value is in L2
     assert fleet.run(b.get_or_set("k", factory("other", calls), region="r")) == {"v": 1}
     assert calls == [{"v": 1}]
     assert (a.stats().l2_fills, b.stats().l2_hits, b.stats().loads) == (1, 1, 0)
@@ -178,6 +179,7 @@ def test_a_load_overlapping_a_write_reaches_neither_l1_nor_l2(fleet: Fleet) -> N
     wait_until(lambda: b.stats().invalidations_received >= 2)
     gate.release()
     assert pending.result(10) == "stale"
+    fleet.run(b.flush())  # its fill is answered
     assert fleet.run(b.get("k", MISSING)) is MISSING
     assert fleet.in_l2("k") is None
     assert b.stats().l2_fills_refused == 1
@@ -470,3 +472,106 @@ def test_a_value_read_from_l2_as_it_expires_does_not_outlive_it(fleet: Fleet) ->
             fleet.run(b.get_or_set(key, lambda: "db", ttl=60))
     held = [key for key in keys if fleet.run(b.get(key, MISSING)) == "v"]
     assert not held, f"{len(held)} copies outlived their value in L2"
+
+
+def _pttl_calls(fleet: Fleet) -> int:
+    """PTTL commands the server ran: one per plain L2 read (GET + PTTL), none for a read
+    script that finds no value."""
+    stats = fleet.admin.info("commandstats").get("cmdstat_pttl", {})
+    return int(stats.get("calls", 0))
+
+
+@pytest.mark.parametrize("propagate", ["update", "invalidate"])
+def test_a_miss_after_an_invalidation_asks_the_read_script_at_once(
+    fleet: Fleet, propagate: str
+) -> None:
+    """B held k; A's write dropped it there (and replaced or deleted L2's copy in the same
+    step): B's next miss goes straight to the read script, one round trip for the value or
+    the lease, not a plain GET first. A key B never held is read with a plain GET first."""
+    a, b = fleet.make(propagate=propagate), fleet.make(propagate=propagate)
+    calls: list[Any] = []
+    assert fleet.run(b.get_or_set("k", factory("v1", calls))) == "v1"
+    assert fleet.run(b.get_or_set("j", factory("j1", calls))) == "j1"
+    fleet.run(b.flush())
+    fleet.prime(a, b)
+    fleet.run(a.remove("k"))
+    fleet.run(a.flush())
+    wait_until(lambda: fleet.run(b.get("k", MISSING)) is MISSING)
+    before, misses = _pttl_calls(fleet), b.stats().l2_misses
+    assert fleet.run(b.get_or_set("k", factory("v2", calls))) == "v2"  # L2's copy went
+    assert _pttl_calls(fleet) == before  # no plain GET: the script took the lease
+    assert b.stats().l2_misses == misses + 1
+    if propagate == "invalidate":  # A's set drops k here and puts its value in L2
+        received = b.stats().invalidations_received
+        fleet.run(a.set("k", "v3"))
+        fleet.run(a.flush())
+        wait_until(lambda: b.stats().invalidations_received > received)
+        before = _pttl_calls(fleet)
+        assert fleet.run(b.get_or_set("k", factory("unused", calls))) == "v3"
+        assert _pttl_calls(fleet) == before + 1  # the script's own PTTL of the value it found
+    fleet.run(a.get_or_set("n", factory("n1", calls)))  # a key B never held, in L2
+    fleet.run(a.flush())
+    before = _pttl_calls(fleet)
+    assert fleet.run(b.get_or_set("n", factory("unused", calls))) == "n1"
+    assert _pttl_calls(fleet) == before + 1  # a plain GET + PTTL found it
+    assert calls == ["v1", "j1", "v2", "n1"]
+
+
+def test_a_fill_is_not_waited_for_and_flush_waits_for_it(fleet: Fleet) -> None:
+    """A load returns without waiting for its fill's reply (the threaded driver reads it with
+    the connection's next reply; the asyncio driver fills in a task); flush() returns once
+    every fill is answered; close() with a fill unanswered neither raises nor hangs."""
+    a = fleet.make()
+    calls: list[Any] = []
+    assert fleet.run(a.get_or_set("k1", factory(1, calls))) == 1
+    fleet.run(a.flush())
+    assert a.stats().l2_fills == 1
+    assert fleet.in_l2("k1") is not None
+    assert fleet.run(a.get_or_set("k2", factory(2, calls))) == 2
+    if fleet.driver.kind == "sync":  # the reply waits on the connection: nothing read it yet
+        assert a.stats().l2_fills == 1
+    fleet.run(a.flush())
+    assert (a.stats().l2_fills, a.stats().l2_errors) == (2, 0)
+    assert fleet.in_l2("k2") is not None
+    assert fleet.run(a.get_or_set("k3", factory(3, calls))) == 3
+    fleet.driver.close(a)  # with k3's fill unanswered (or still running)
+    fleet.caches.remove(a)
+    assert a.state.value == "closed"
+    assert calls == [1, 2, 3]
+
+
+def test_a_fill_answered_with_an_error_is_counted_and_the_next_one_works(fleet: Fleet) -> None:
+    """The server lost its scripts (SCRIPT FLUSH) between two fills: the threaded driver's
+    fill, sent with EVALSHA and not waited for, is answered NOSCRIPT: counted as an L2 error,
+    nothing stored, the caller unaffected; the next fill loads the script again. (The asyncio
+    driver waits for its fill in a task, through redis-py, which loads the script at once.)"""
+    a = fleet.make()
+    calls: list[Any] = []
+    fleet.run(a.get_or_set("k1", factory(1, calls)))
+    fleet.run(a.get_or_set("k2", factory(2, calls)))
+    fleet.run(a.flush())
+    assert (a.stats().l2_fills, a.stats().l2_errors) == (2, 0)
+    fleet.admin.script_flush()
+    assert fleet.run(a.get_or_set("k3", factory(3, calls))) == 3
+    fleet.run(a.flush())
+    sync = fleet.driver.kind == "sync"
+    assert (a.stats().l2_fills, a.stats().l2_errors) == ((2, 1) if sync else (3, 0))
+    assert (fleet.in_l2("k3") is None) is sync
+    assert fleet.run(a.get_or_set("k4", factory(4, calls))) == 4
+    fleet.run(a.flush())
+    assert a.stats().l2_fills == (3 if sync else 4)
+    assert fleet.in_l2("k4") is not None
+    assert calls == [1, 2, 3, 4]
+
+
+def test_the_memory_of_dropped_keys_is_bounded(fleet: Fleet) -> None:
+    """Every key a write drops here is remembered until its next miss, at most DROPPED_MAX of
+    them (then the memory starts over)."""
+    from nearcache._core.cache import DROPPED_MAX
+
+    a = fleet.make()
+    for i in range(DROPPED_MAX + 10):
+        fleet.run(a.set(i, i))
+        fleet.run(a.remove(i))
+    assert 0 < len(a._core.dropped) <= DROPPED_MAX
+    fleet.run(a.flush())

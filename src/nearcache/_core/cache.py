@@ -59,6 +59,10 @@ SENDER_MEMORY = 600.0
 # they collapse into one that covers every key, until the latest one comes back.
 UNECHOED_MAX = 4096
 
+# Keys remembered as dropped by an invalidation (see CacheCore.dropped); past this many the
+# memory starts over (a forgotten key's next miss only costs a plain GET more).
+DROPPED_MAX = 4096
+
 MAX_INT_KEY_BITS = 13_000  # at most 3,914 decimal digits: well inside the wire format's 4,000
 
 
@@ -364,13 +368,21 @@ class CacheCore:
         if sharing is not None:
             self.outbox.track_writes = True  # concurrent writes of a key here send no value
             self.outbox.track_in_flight = True
+        # Keys an invalidation dropped from L1 (with l2=True), until their next miss: L2's copy
+        # went in the same atomic step (or was replaced by the writer's value), so that miss
+        # asks the read script at once (one round trip: the value, or the lease) instead of a
+        # plain GET that would find nothing first.
+        self.dropped: dict[tuple[str | None, Hashable], None] | None = (
+            {} if sharing is not None and sharing.l2 else None
+        )
 
     # -- local operations: apply here, queue for the others ----------------------------------
 
     def local(self, op: Invalidation) -> bool:
         """Apply an invalidation made on this instance; return whether the sender must wake."""
         if op.kind is _KEY:
-            self.store.remove(op.key, op.region)
+            if self.store.remove(op.key, op.region) and self.dropped is not None:
+                self._mark_dropped(op.region, op.key)
             return self.networked and self.outbox.add_key(op.region, op.key)
         self.apply(op)
         if not self.networked:
@@ -382,8 +394,22 @@ class CacheCore:
     def remove(self, key: Hashable, region: str | None) -> bool:
         """:meth:`local` for one key (the path of ``remove``, without building an
         Invalidation here: the outbox makes the one it queues)."""
-        self.store.remove(key, region)
+        if self.store.remove(key, region) and self.dropped is not None:
+            self._mark_dropped(region, key)
         return self.networked and self.outbox.add_key(region, key)
+
+    def _mark_dropped(self, region: str | None, key: Hashable) -> None:
+        dropped = self.dropped
+        assert dropped is not None
+        if len(dropped) >= DROPPED_MAX:
+            dropped.clear()
+        dropped[(region, key)] = None
+
+    def take_dropped(self, region: str | None, key: Hashable) -> bool:
+        """Whether an invalidation dropped this key from L1 since its last miss (forgotten
+        now: see :attr:`dropped`)."""
+        dropped = self.dropped
+        return dropped is not None and dropped.pop((region, key), 0) is None
 
     def local_many(self, ops: list[Invalidation]) -> bool:
         """:meth:`local` for several invalidations at once."""
@@ -683,9 +709,11 @@ class CacheCore:
             self.store.repair()
         store = self.store
         remove, key_kind, sharing = store.remove, Kind.KEY, self.sharing
+        dropped = self.dropped
         for op in message.operations:
             if op.kind is key_kind:
-                remove(op.key, op.region)
+                if remove(op.key, op.region) and dropped is not None:
+                    self._mark_dropped(op.region, op.key)
             elif op.kind is Kind.UPDATE and sharing is not None:
                 own = self.own_write_pending(op.region, op.key)
                 sharing.apply(store, op, trusted=trusted, own_pending=own)  # type: ignore[arg-type]

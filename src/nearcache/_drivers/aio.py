@@ -337,9 +337,12 @@ class AsyncNearCache(CacheCommon):
             and self._l2.reads
             and not self._core.own_write_pending(region, key)
         )
+        dropped = self._core.take_dropped(region, key)
         try:
             if from_l2:
-                result, ttl = await self._l2_load(key, region, factory, ttl, flight.reservation)
+                result, ttl = await self._l2_load(
+                    key, region, factory, ttl, flight.reservation, dropped
+                )
             else:
                 result = factory()
                 if inspect.isawaitable(result):
@@ -485,7 +488,8 @@ class AsyncNearCache(CacheCommon):
         self._wake.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until Redis acknowledged every invalidation made so far on this instance.
+        """Wait until Redis acknowledged every invalidation made so far on this instance
+        (and, with ``l2=True``, every value this instance loaded and stored in L2).
 
         Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds,
         :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with an
@@ -496,6 +500,8 @@ class AsyncNearCache(CacheCommon):
         outbox = self._core.outbox
         target = outbox.accepted
         deadline = self._clock() + timeout
+        if self._l2 is not None:
+            await self._l2.settle()  # the fills running in the background
         while outbox.delivered < target:
             self._check_open()  # closed meanwhile: nothing more will be delivered
             refused = self._flush_refused()
@@ -605,6 +611,7 @@ class AsyncNearCache(CacheCommon):
         factory: Callable[[], Awaitable[T] | T],
         ttl: float | None,
         reservation: Reservation,
+        dropped: bool = False,
     ) -> tuple[Any, float | None]:
         """The read path after a miss (see :meth:`NearCache._l2_load`)."""
         assert self._l2 is not None
@@ -615,6 +622,7 @@ class AsyncNearCache(CacheCommon):
             ttl,
             lambda: self._state is CacheState.OPEN,
             reservation,
+            dropped,
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)

@@ -362,6 +362,7 @@ class NearCache(CacheCommon):
                     and self._l2.reads
                     and not self._core.own_write_pending(region, key)
                 )
+                dropped = self._core.take_dropped(region, key)
         if joined is not None:  # wait for the load's result
             outcome.done.wait()
             if outcome.error is not None:
@@ -372,7 +373,7 @@ class NearCache(CacheCommon):
             return outcome.value  # type: ignore[return-value]
         try:
             if from_l2:
-                value, ttl = self._l2_load(key, region, factory, ttl, flight.reservation)
+                value, ttl = self._l2_load(key, region, factory, ttl, flight.reservation, dropped)
             else:
                 value = factory()
         except BaseException as exc:
@@ -510,7 +511,8 @@ class NearCache(CacheCommon):
                 self._wake_sender()
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Block until Redis acknowledged every invalidation made so far on this instance.
+        """Block until Redis acknowledged every invalidation made so far on this instance
+        (and, with ``l2=True``, every value this instance loaded and stored in L2).
 
         Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds, and
         :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with
@@ -519,6 +521,8 @@ class NearCache(CacheCommon):
         :class:`~nearcache.CacheClosedError` if the cache is closed meanwhile.
         """
         deadline = self._clock() + timeout
+        if self._l2 is not None:
+            self._l2.settle()  # the fills sent without waiting: their values are in L2 now
         with self._cond:
             self._check_open()
             outbox = self._core.outbox
@@ -673,10 +677,11 @@ class NearCache(CacheCommon):
         factory: Callable[[], T],
         ttl: float | None,
         reservation: Reservation,
+        dropped: bool = False,
     ) -> tuple[T, float | None]:
         """The read path after a miss: L2, lease, factory, fill. A value from L2 lives in L1
         no longer than it had left in L2, and one current only as of L1's confirmations is
-        stored as such."""
+        stored as such. ``dropped``: an invalidation dropped the key here (no plain GET)."""
         assert self._l2 is not None
         loaded = self._l2.load(
             key,  # type: ignore[arg-type]
@@ -685,6 +690,7 @@ class NearCache(CacheCommon):
             ttl,
             lambda: self._state is CacheState.OPEN,
             reservation,
+            dropped,
         )
         if loaded.ttl_left is not None:
             ttl = loaded.ttl_left if ttl is None else min(ttl, loaded.ttl_left)

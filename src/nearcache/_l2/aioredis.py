@@ -105,6 +105,7 @@ class AsyncRedisL2:
         self._retired: list[aioredis.Redis] = []  # clients left behind by a failover
         self._breaker = Breaker()
         self._closed = False
+        self._fills: set[asyncio.Task[None]] = set()  # fills the callers did not wait for
 
     def _read_node(self, placement: Placement) -> _Node:
         node = self._reader
@@ -141,11 +142,18 @@ class AsyncRedisL2:
         ttl: float | None,
         is_open: Callable[[], bool],
         reservation: Any = None,
+        dropped: bool = False,
     ) -> Loaded:
         """Run the read path for one missed key: L2, lease, wait, factory, fill (see
-        :meth:`nearcache._l2.redis.RedisL2.load`)."""
+        :meth:`nearcache._l2.redis.RedisL2.load`). The fill runs in a task of its own: the
+        caller has its value one round trip sooner."""
         placement = self._backplane.placement
-        plain = reservation is not None and placement is not None and not placement.sharded
+        plain = (
+            reservation is not None
+            and not dropped
+            and placement is not None
+            and not placement.sharded
+        )
         flow = self._sharing.load_flow(
             key, region, l2.new_token(), ttl, plain=plain, looking=factory is lookup
         )
@@ -175,7 +183,10 @@ class AsyncRedisL2:
                     await asyncio.sleep(step.seconds)
                     send = True
             elif type(step) is Fill:
-                send = await self._fill(key, region, step)
+                if not self._closed:
+                    task = asyncio.ensure_future(self._fill_counted(key, region, step))
+                    self._fills.add(task)
+                    task.add_done_callback(self._fills.discard)
             elif type(step) is Release:
                 # Shielded: a cancelled load still frees the lease for the next process.
                 await asyncio.shield(self._release(key, region, step))
@@ -252,6 +263,21 @@ class AsyncRedisL2:
         source, keys, args = step.script_call(placement.channel, region, key, reign)
         reply = await self._run(self._read_where(placement), source, keys, args)
         return None if reply is None else bool(reply)
+
+    async def _fill_counted(self, key: Key, region: Region, step: Fill) -> None:
+        stored = await self._fill(key, region, step)
+        stats = self._sharing.stats
+        if stored:
+            stats.l2_fills += 1
+        elif stored is not None:
+            stats.l2_fills_refused += 1
+
+    async def settle(self) -> None:
+        """Wait for the fills running in the background (those started before the call):
+        once it returns, the values they stored are in L2 (each is bounded by
+        ``l2_timeout``)."""
+        if self._fills:
+            await asyncio.wait(list(self._fills))
 
     async def _release(self, key: Key, region: Region, step: Release) -> None:
         placement = self._backplane.placement
@@ -394,6 +420,11 @@ class AsyncRedisL2:
         """Release the connections at once: a publish or read blocked on one fails now."""
         self._closed = True
         self._abort()
+        fills = list(self._fills)
+        for task in fills:
+            task.cancel()  # their leases expire
+        if fills:
+            await asyncio.wait(fills)
         clients = [n.client for n in (self._reader, self._publisher) if n is not None]
         for client in [*clients, *self._retired]:
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,64 +113,191 @@ class _Node:
         self.client = redis.Redis(**kwargs)
         self.plain = PlainReads(self.client.connection_pool)
         self._scripts: dict[str, Any] = {}
+        self._loaded: dict[str, bytes] = {}  # source -> SHA1 of the scripts the node has
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The script's reply. Once the node is known to have the script, an ``EVALSHA`` on
+        a plain connection (:class:`PlainReads`); the first call, and the next after the node
+        lost its scripts (a restart, ``SCRIPT FLUSH``), through redis-py, which loads it."""
+        sha = self._loaded.get(source)
+        if sha is not None:
+            reply = self.plain.call(evalsha(sha, keys, args))
+            if not isinstance(reply, Exception):
+                return reply
+            if not str(reply).startswith("NOSCRIPT"):
+                raise redis.ResponseError(str(reply))
+            self._loaded.pop(source, None)
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self.client.register_script(source)
-        return script(keys=keys, args=args)
+        reply = script(keys=keys, args=args)
+        if self.plain.fast:
+            self._loaded[source] = script.sha.encode()
+        return reply
+
+    def send(
+        self,
+        source: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        on_reply: Callable[[Any], None],
+    ) -> bool:
+        """Send the script without waiting for its reply, which ``on_reply`` gets later (an
+        exception instance if Redis answered with an error); False, and nothing sent, if the
+        node is not known to have the script (the caller then uses :meth:`run`)."""
+        sha = self._loaded.get(source)
+        if sha is None:
+            return False
+        loaded = self._loaded
+
+        def answered(reply: Any) -> None:
+            if isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT"):
+                loaded.pop(source, None)
+            on_reply(reply)
+
+        self.plain.send(evalsha(sha, keys, args), answered)
+        return True
+
+
+class _Slot:
+    """A kept connection, its reply parser and the callbacks of the replies not read yet."""
+
+    __slots__ = ("conn", "pending", "reader")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.reader = hiredis.Reader() if hiredis is not None else None
+        self.pending: deque[Callable[[Any], None]] = deque()
 
 
 class PlainReads:
-    """``GET`` and ``PTTL`` of one key, pipelined, on connections taken from ``pool`` and kept
-    (a list used as a lock-free stack: each thread takes one, or opens another). The reply is
-    parsed by a hiredis reader of its own, past redis-py's per-command machinery. Any failure
-    drops the connection; the pool's disconnect (the client's close) closes the kept ones."""
+    """Plain requests on connections taken from ``pool`` and kept (a list used as a lock-free
+    stack: each thread takes one, or opens another): ``GET`` and ``PTTL`` of one key,
+    pipelined, and the read path's scripts. Replies are parsed by a hiredis reader of their
+    own, past redis-py's per-command machinery. A request may be sent without waiting for its
+    reply (:meth:`send`: an L2 fill): the reply is read, and handed to its callback, before
+    that connection's next reply, or by :meth:`settle`. Any failure drops the connection
+    (with the replies not read yet); the pool's disconnect (the client's close) closes the
+    kept ones."""
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
-        self._idle: list[tuple[Any, Any]] = []
+        self._idle: list[_Slot] = []
         self.closed = False
+        self.fast = hiredis is not None  # call() and send() need hiredis
 
     def get(self, name: str) -> tuple[bytes | None, int]:
         """The record stored under ``name`` (None if there is none) and its PTTL in ms."""
-        try:
-            conn, reader = self._idle.pop()
-        except IndexError:
-            conn = self._pool.get_connection()
-            reader = hiredis.Reader() if hiredis is not None else None
+        raw = name.encode()
+        request = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%s\r\n" % (
+            len(raw), raw, len(raw), raw,
+        )  # fmt: skip
+        slot = self._take()
         kept = False
         try:
-            raw = name.encode()
-            request = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%s\r\n" % (
-                len(raw), raw, len(raw), raw,
-            )  # fmt: skip
-            sock = conn._sock
-            if sock is None:
-                raise redis.ConnectionError("the L2 connection is closed")
-            if reader is None:  # pragma: no cover - without hiredis
-                conn.send_packed_command([request], check_health=False)
-                record, pttl = conn.read_response(), conn.read_response()
+            sock = self._send(slot, request)
+            if slot.reader is None:  # pragma: no cover - without hiredis
+                record, pttl = slot.conn.read_response(), slot.conn.read_response()
             else:
-                sock.sendall(request)
-                record = reader.gets()
-                while record is False:
-                    _feed(sock, reader)
-                    record = reader.gets()
-                pttl = reader.gets()
-                while pttl is False:
-                    _feed(sock, reader)
-                    pttl = reader.gets()
+                record, pttl = _reply(sock, slot.reader), _reply(sock, slot.reader)
             if not (record is None or isinstance(record, bytes)) or type(pttl) is not int:
                 raise redis.ResponseError(f"unexpected reply to GET/PTTL: {record!r}, {pttl!r}")
             kept = not self.closed
             return record, pttl
         finally:
-            if kept:
-                self._idle.append((conn, reader))
-            else:  # failed, or closed meanwhile: nothing may stay open
-                conn.disconnect()
-                self._pool.release(conn)
+            self._give_back(slot, kept)
+
+    def call(self, request: bytes) -> Any:
+        """Send one command (RESP bytes) and return its reply; an error reply is returned as
+        an exception instance, not raised (the connection stays usable)."""
+        slot = self._take()
+        kept = False
+        try:
+            reply = _reply(self._send(slot, request), slot.reader)
+            kept = not self.closed
+            return reply
+        finally:
+            self._give_back(slot, kept)
+
+    def send(self, request: bytes, on_reply: Callable[[Any], None]) -> None:
+        """Send one command (RESP bytes); ``on_reply`` gets its reply when it is read."""
+        slot = self._take()
+        kept = False
+        try:
+            self._send(slot, request)
+            slot.pending.append(on_reply)
+            kept = not self.closed
+        finally:
+            self._give_back(slot, kept)
+
+    def settle(self) -> None:
+        """Read the replies still unread on the idle connections (hand each to its callback).
+        Raises what a failing connection raises (after dropping it)."""
+        taken: list[_Slot] = []
+        idle = self._idle
+        try:
+            while idle:  # (another thread may take the last one between the test and the pop)
+                taken.append(idle.pop())
+        except IndexError:
+            pass
+        finally:
+            while taken:
+                slot = taken.pop()
+                kept = False
+                try:
+                    if slot.pending:
+                        self._drain(self._socket(slot), slot)
+                    kept = not self.closed
+                finally:
+                    self._give_back(slot, kept)
+
+    def _take(self) -> _Slot:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return _Slot(self._pool.get_connection())
+
+    def _give_back(self, slot: _Slot, kept: bool) -> None:
+        if kept:
+            self._idle.append(slot)
+        else:  # failed, or closed meanwhile: nothing may stay open
+            slot.conn.disconnect()
+            self._pool.release(slot.conn)
+
+    @staticmethod
+    def _socket(slot: _Slot) -> Any:
+        sock = slot.conn._sock
+        if sock is None:
+            raise redis.ConnectionError("the L2 connection is closed")
+        return sock
+
+    def _send(self, slot: _Slot, request: bytes) -> Any:
+        """Send ``request`` on the slot's connection, then read the replies of the requests
+        sent before it (they come first); return the socket."""
+        sock = self._socket(slot)
+        if slot.reader is None:  # pragma: no cover - without hiredis
+            slot.conn.send_packed_command([request], check_health=False)
+        else:
+            sock.sendall(request)
+            if slot.pending:
+                self._drain(sock, slot)
+        return sock
+
+    @staticmethod
+    def _drain(sock: Any, slot: _Slot) -> None:
+        pending = slot.pending
+        while pending:
+            reply = _reply(sock, slot.reader)
+            pending.popleft()(reply)
+
+
+def _reply(sock: Any, reader: Any) -> Any:
+    """The next reply on ``sock`` (parsed by ``reader``, fed as needed)."""
+    reply = reader.gets()
+    while reply is False:
+        _feed(sock, reader)
+        reply = reader.gets()
+    return reply
 
 
 def _feed(sock: Any, reader: Any) -> None:
@@ -258,12 +386,19 @@ class RedisL2:
         ttl: float | None,
         is_open: Callable[[], bool],
         reservation: Any = None,
+        dropped: bool = False,
     ) -> Loaded:
         """Run the read path for one missed key: L2, lease, wait, factory, fill.
         ``reservation``: the load's claim in L1, lowered to what a plain read is current as
-        of (see :class:`~nearcache._core.sharing.Get`)."""
+        of (see :class:`~nearcache._core.sharing.Get`). ``dropped``: an invalidation dropped
+        the key here, so L2 most likely holds no value: no plain read first."""
         placement = self._backplane.placement
-        plain = reservation is not None and placement is not None and not placement.sharded
+        plain = (
+            reservation is not None
+            and not dropped
+            and placement is not None
+            and not placement.sharded
+        )
         flow = self._sharing.load_flow(
             key, region, l2.new_token(), ttl, plain=plain, looking=factory is lookup
         )
@@ -352,13 +487,45 @@ class RedisL2:
         return self._run(router, l2.VREAD_SCRIPT, keys, args)
 
     def _fill(self, key: Key, region: Region, step: Fill) -> bool | None:
+        """Store a loaded value (under the lease). Off a cluster the reply is not waited for:
+        the caller returns its value one round trip sooner, and the reply is counted when it
+        is read (with the connection's next reply, or by :meth:`settle`); None then."""
         placement = self._backplane.placement
         if placement is None:
             return None
         reign = None if placement.sharded else reign_of(placement)
         source, keys, args = step.script_call(placement.channel, region, key, reign)
+        if not placement.sharded and not self._closed:
+            try:
+                if self._read_node(placement).send(source, keys, args, self._filled):
+                    return None
+            except _ERRORS:
+                self._failed()
+                return None
         reply = self._run(self._read_where(placement), source, keys, args)
         return None if reply is None else bool(reply)
+
+    def _filled(self, reply: Any) -> None:
+        """Count the reply to a fill sent without waiting (an error reply: the fill failed;
+        the lease it held expires)."""
+        stats = self._sharing.stats
+        if isinstance(reply, Exception):
+            stats.l2_errors += 1
+        elif reply:
+            stats.l2_fills += 1
+        else:
+            stats.l2_fills_refused += 1
+
+    def settle(self) -> None:
+        """Wait for the replies to the fills sent without waiting (on connections not in use
+        by another thread): once it returns, the values they stored are in L2."""
+        node = self._reader
+        if node is None or self._closed:
+            return
+        try:
+            node.plain.settle()
+        except _ERRORS:
+            self._failed()
 
     def _release(self, key: Key, region: Region, step: Release) -> None:
         placement = self._backplane.placement
