@@ -35,6 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from nearcache._backplane import plainsub
 from nearcache._backplane.cluster import locate, node_kwargs
 from nearcache._backplane.sentinel import SentinelResolver
 from nearcache._backplane.shard import ShardSubscriber
@@ -588,6 +589,8 @@ class RedisBackplane(RedisBackplaneBase):
                 _, epoch_key = log_keys(placement.channel)
                 kwargs = node_kwargs(self._settings, placement.endpoint)
                 self._pubsub = ShardSubscriber(kwargs, epoch_key)
+            elif plainsub.usable(self._subscriber_client):
+                self._pubsub = plainsub.PlainSubscriber(self._subscriber_client)
             else:
                 self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             return self._pubsub.subscribe(command.channel)  # type: ignore[union-attr]
