@@ -128,3 +128,78 @@ def test_a_cache_on_a_plain_connection_subscribes_with_it(
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_asyncio_subscriber_returns_the_same_in_order(
+    redis_server: RedisServer, channel: str, protocol: int
+) -> None:
+    """AsyncPlainSubscriber: confirmation, messages (one larger than a read) and the pong in
+    order; a wait that runs out is None; a connection the server closes raises."""
+    import asyncio
+
+    big = bytes(range(256)) * 800
+
+    async def next_message(sub: plainsub.AsyncPlainSubscriber) -> dict[str, Any]:
+        for _ in range(100):
+            message = await sub.get_message(timeout=0.1)
+            if message is not None:
+                return message
+        raise AssertionError("no message")
+
+    async def main() -> None:
+        sub = plainsub.AsyncPlainSubscriber({"port": redis_server.port, "protocol": protocol})
+        assert plainsub.usable(sub.client)
+        try:
+            await sub.subscribe(channel)
+            assert (await next_message(sub))["type"] == "subscribe"
+            assert await sub.get_message(timeout=0.01) is None
+            with redis.Redis(port=redis_server.port) as publisher:
+                publisher.publish(channel, b"first")
+                publisher.publish(channel, big)
+                await sub.ping("token-2")
+                publisher.publish(channel, b"after the ping")
+            got = [await next_message(sub) for _ in range(4)]
+            assert [(m["type"], m["data"]) for m in got] == [
+                ("message", b"first"),
+                ("message", big),
+                ("pong", b"token-2"),
+                ("message", b"after the ping"),
+            ]
+            with redis.Redis(port=redis_server.port) as admin:
+                assert admin.client_kill_filter(_type="pubsub") >= 1
+            with pytest.raises(redis.ConnectionError):
+                await next_message(sub)
+        finally:
+            await sub.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_asyncio_cache_on_a_plain_connection_subscribes_with_it(
+    redis_server: RedisServer, channel: str
+) -> None:
+    import asyncio
+
+    from nearcache import AsyncNearCache
+
+    async def main() -> None:
+        a = AsyncNearCache(redis_server.url, channel=channel)
+        b = AsyncNearCache(redis_server.url, channel=channel)
+        await a.start()
+        await b.start()
+        try:
+            assert isinstance(a._backplane._pubsub, plainsub.AsyncPlainSubscriber)  # type: ignore[union-attr]
+            await a.set("k", 1)
+            await b.set("k", 2)
+            await b.flush()
+            for _ in range(500):
+                if await a.get("k") is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert await a.get("k") is None
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from nearcache._backplane import plainsub
 from nearcache._backplane.cluster import alocate, node_kwargs
 from nearcache._backplane.redis import RedisBackplaneBase, failure
 from nearcache._backplane.sentinel import AsyncSentinelResolver
@@ -312,7 +313,7 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         finally:
             flow.close()
             pubsub, self._pubsub = self._pubsub, None
-            shard = getattr(pubsub, "client", None)  # a shard subscriber's own client
+            shard = getattr(pubsub, "client", None)  # a shard or plain subscriber's own client
             if shard is not None:
                 abort_connections(shard)
             if pubsub is not None and not self._closing:
@@ -339,6 +340,9 @@ class AsyncRedisBackplane(RedisBackplaneBase):
                 _, epoch_key = log_keys(placement.channel)
                 kwargs = node_kwargs(self._settings, placement.endpoint)
                 self._pubsub = AsyncShardSubscriber(kwargs, epoch_key)
+            elif plainsub.usable(self._subscriber_client):
+                kwargs = node_kwargs(self._settings, placement.endpoint)
+                self._pubsub = plainsub.AsyncPlainSubscriber(kwargs)
             else:
                 self._pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=False)
             return await self._pubsub.subscribe(command.channel)  # type: ignore[union-attr]
@@ -380,7 +384,7 @@ class AsyncRedisBackplane(RedisBackplaneBase):
 
     async def _disconnect(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
-        shard = getattr(pubsub, "client", None)  # a shard subscriber's own client
+        shard = getattr(pubsub, "client", None)  # a shard or plain subscriber's own client
         if shard is not None:
             abort_connections(shard)  # before any await: a cancel may land there
         if pubsub is not None:

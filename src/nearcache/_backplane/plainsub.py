@@ -21,19 +21,22 @@ The object looks like the redis-py ``PubSub`` the backplane drives: ``subscribe`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import select
 import socket
+import sys
 from typing import Any
 
 import redis
+import redis.asyncio
 
 try:
     import hiredis
 except ImportError:  # pragma: no cover - redis[hiredis] brings it
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["PlainSubscriber", "usable"]
+__all__ = ["AsyncPlainSubscriber", "PlainSubscriber", "usable"]
 
 _KINDS = {
     b"message": "message",
@@ -44,15 +47,52 @@ _KINDS = {
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
-def usable(client: redis.Redis) -> bool:
-    """Whether ``client``'s connections can be read by a :class:`PlainSubscriber`: hiredis
-    and ``poll`` are there, and the connection is plain TCP or a Unix socket."""
-    if hiredis is None or not hasattr(select, "poll"):
+def usable(client: redis.Redis | redis.asyncio.Redis) -> bool:
+    """Whether ``client``'s connections can be read by a :class:`PlainSubscriber` (or, for
+    a redis.asyncio client, an :class:`AsyncPlainSubscriber`): hiredis is there (and
+    ``poll``, for the threaded one), and the connection is plain TCP or a Unix socket."""
+    if hiredis is None:
         return False
     pool = client.connection_pool
     if pool.connection_kwargs.get("protocol") not in (None, 2, "2", 3, "3"):
         return False
-    return pool.connection_class in (redis.Connection, redis.UnixDomainSocketConnection)
+    if isinstance(client, redis.asyncio.Redis):
+        return pool.connection_class in (
+            redis.asyncio.Connection,
+            redis.asyncio.UnixDomainSocketConnection,
+        )
+    return hasattr(select, "poll") and pool.connection_class in (
+        redis.Connection,
+        redis.UnixDomainSocketConnection,
+    )
+
+
+def _command(parts: tuple[str, ...]) -> bytes:
+    encoded = [part.encode() for part in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
+    )
+
+
+def _message(reply: Any) -> dict[str, Any]:
+    """A reply on the subscription as the dict redis-py's ``PubSub`` returns."""
+    if isinstance(reply, Exception):
+        raise redis.ResponseError(str(reply))
+    if not isinstance(reply, list):  # RESP3: PING's reply is its token, not a push
+        return {"type": "pong", "pattern": None, "channel": None, "data": reply}
+    if not reply:
+        raise redis.ResponseError("an empty array on the subscription")
+    kind = _KINDS.get(reply[0])
+    if kind is None:
+        kind = reply[0].decode(errors="replace") if isinstance(reply[0], bytes) else "?"
+    if kind == "pong":
+        return {"type": kind, "pattern": None, "channel": None, "data": reply[1]}
+    return {
+        "type": kind,
+        "pattern": None,
+        "channel": reply[1] if len(reply) > 1 else None,
+        "data": reply[2] if len(reply) > 2 else None,
+    }
 
 
 class PlainSubscriber:
@@ -77,11 +117,9 @@ class PlainSubscriber:
         return sock
 
     def _send(self, *parts: str) -> None:
-        encoded = [part.encode() for part in parts]
-        request = b"*%d\r\n" % len(encoded) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
-        )
-        self._socket().sendall(request)
+        # Through redis-py (bounded by the socket timeout): only SUBSCRIBE and the pings.
+        self._socket()
+        self.connection.send_packed_command([_command(parts)], check_health=False)
 
     def subscribe(self, channel: str) -> None:
         """Send ``SUBSCRIBE``; its confirmation comes through :meth:`get_message`."""
@@ -112,23 +150,7 @@ class PlainSubscriber:
             reply = reader.gets()
             if reply is False:  # part of a reply: the rest comes with the next read
                 return None
-        if isinstance(reply, Exception):
-            raise redis.ResponseError(str(reply))
-        if not isinstance(reply, list):  # RESP3: PING's reply is its token, not a push
-            return {"type": "pong", "pattern": None, "channel": None, "data": reply}
-        if not reply:
-            raise redis.ResponseError("an empty array on the subscription")
-        kind = _KINDS.get(reply[0])
-        if kind is None:
-            kind = reply[0].decode(errors="replace") if isinstance(reply[0], bytes) else "?"
-        if kind == "pong":
-            return {"type": kind, "pattern": None, "channel": None, "data": reply[1]}
-        return {
-            "type": kind,
-            "pattern": None,
-            "channel": reply[1] if len(reply) > 1 else None,
-            "data": reply[2] if len(reply) > 2 else None,
-        }
+        return _message(reply)
 
     def close(self) -> None:
         """Close the connection."""
@@ -139,3 +161,80 @@ class PlainSubscriber:
                 connection.disconnect()
             with contextlib.suppress(Exception):
                 self.client.connection_pool.release(connection)
+
+
+class AsyncPlainSubscriber:
+    """The asyncio flavour of :class:`PlainSubscriber`, on a client of its own (made from
+    ``client_kwargs``, as the shard subscriber's): it reads the connection's stream and feeds
+    its own hiredis reader, past redis.asyncio's per-message machinery."""
+
+    def __init__(self, client_kwargs: dict[str, Any]) -> None:
+        self.client = redis.asyncio.Redis(**client_kwargs)
+        self.connection: Any = None
+        self._reader = hiredis.Reader()
+
+    async def _conn(self) -> Any:
+        if self.connection is None:
+            pool = self.client.connection_pool
+            self.connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return self.connection
+
+    async def _send(self, *parts: str) -> None:
+        # Through redis-py (bounded by the socket timeout): only SUBSCRIBE and the pings.
+        conn = await self._conn()
+        await conn.send_packed_command([_command(parts)], check_health=False)
+
+    async def subscribe(self, channel: str) -> None:
+        """See :meth:`PlainSubscriber.subscribe`."""
+        await self._send("SUBSCRIBE", channel)
+
+    async def ping(self, token: str) -> None:
+        """See :meth:`PlainSubscriber.ping`."""
+        await self._send("PING", token)
+
+    async def get_message(self, timeout: float | None = 0.0) -> dict[str, Any] | None:
+        """See :meth:`PlainSubscriber.get_message` (``None`` waits without limit)."""
+        reader = self._reader
+        reply = reader.gets()
+        if reply is False:
+            stream = (await self._conn())._reader
+            if stream is None:  # pragma: no cover - the pool hands out connected connections
+                raise redis.ConnectionError("the subscriber connection is closed")
+            try:
+                data = await _read(stream, timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                return None
+            if not data:
+                raise redis.ConnectionError("the subscriber connection was closed")
+            reader.feed(data)
+            reply = reader.gets()
+            if reply is False:  # part of a reply: the rest comes with the next read
+                return None
+        return _message(reply)
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+if sys.version_info >= (3, 11):
+
+    async def _read(stream: asyncio.StreamReader, timeout: float | None) -> bytes:
+        """What the stream has, waiting at most ``timeout`` seconds (TimeoutError after)."""
+        if timeout is None:
+            return await stream.read(65536)
+        async with asyncio.timeout(max(timeout, 0.0)):
+            return await stream.read(65536)
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _read(stream: asyncio.StreamReader, timeout: float | None) -> bytes:
+        """What the stream has, waiting at most ``timeout`` seconds (TimeoutError after)."""
+        if timeout is None:
+            return await stream.read(65536)
+        return await asyncio.wait_for(stream.read(65536), max(timeout, 0.0))
