@@ -31,6 +31,8 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from nearcache._backplane.shard import aclose_own
+
 try:
     import hiredis
 except ImportError:  # pragma: no cover - redis[hiredis] brings it
@@ -72,6 +74,16 @@ def _command(parts: tuple[str, ...]) -> bytes:
     return b"*%d\r\n" % len(encoded) + b"".join(
         b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
     )
+
+
+def _fed(reader: Any, data: bytes) -> dict[str, Any] | None:
+    """Feed what the connection delivered to ``reader``; the reply it completes, as a dict,
+    or None (part of a reply: the rest comes with the next read)."""
+    if not data:
+        raise redis.ConnectionError("the subscriber connection was closed")
+    reader.feed(data)
+    reply = reader.gets()
+    return None if reply is False else _message(reply)
 
 
 def _message(reply: Any) -> dict[str, Any]:
@@ -144,12 +156,7 @@ class PlainSubscriber:
                 data = sock.recv(65536)
             except BlockingIOError:  # readable, then not (spurious wake-up): nothing yet
                 return None
-            if not data:
-                raise redis.ConnectionError("the subscriber connection was closed")
-            reader.feed(data)
-            reply = reader.gets()
-            if reply is False:  # part of a reply: the rest comes with the next read
-                return None
+            return _fed(reader, data)
         return _message(reply)
 
     def close(self) -> None:
@@ -204,22 +211,13 @@ class AsyncPlainSubscriber:
                 data = await _read(stream, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 return None
-            if not data:
-                raise redis.ConnectionError("the subscriber connection was closed")
-            reader.feed(data)
-            reply = reader.gets()
-            if reply is False:  # part of a reply: the rest comes with the next read
-                return None
+            return _fed(reader, data)
         return _message(reply)
 
     async def aclose(self) -> None:
         """Close the connection."""
         connection, self.connection = self.connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
+        await aclose_own(connection, self.client)
 
 
 if sys.version_info >= (3, 11):

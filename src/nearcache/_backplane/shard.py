@@ -29,7 +29,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-__all__ = ["AsyncShardSubscriber", "ShardLostError", "ShardSubscriber"]
+__all__ = ["AsyncShardSubscriber", "ShardLostError", "ShardSubscriber", "aclose_own"]
 
 _CHECK = "check"
 _PONG = "pong"
@@ -161,8 +161,13 @@ class AsyncShardSubscriber:
     async def aclose(self) -> None:
         """Close the connection."""
         connection, self.connection = self.connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+        await aclose_own(connection, self.client)
+
+
+async def aclose_own(connection: Any, client: redis.asyncio.Redis) -> None:
+    """Close a subscriber's connection and its own client, whatever fails."""
+    if connection is not None:
         with contextlib.suppress(Exception):
-            await self.client.aclose()
+            await connection.disconnect()
+    with contextlib.suppress(Exception):
+        await client.aclose()
