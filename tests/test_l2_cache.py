@@ -415,6 +415,7 @@ def test_known_generations_never_hide_a_clear(fleet: Fleet, who: str) -> None:
     calls: list[Any] = []
     for key in ("j", "k"):
         fleet.run(a.get_or_set(key, factory("old " + key, calls), region="r"))
+    fleet.run(a.flush())  # its fills are answered
     fleet.run(b.get_or_set("j", factory("db", calls), region="r"))  # B learns
     confirmed_after(b, b._clock())
     assert fleet.in_l2("k", "r") is not None

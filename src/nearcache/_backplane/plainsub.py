@@ -113,7 +113,7 @@ class PlainSubscriber:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.connection: Any = None
-        self._reader = hiredis.Reader()
+        self._reader = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse)
         self._sock: socket.socket | None = None
         self._poll = select.poll()
 
@@ -178,7 +178,7 @@ class AsyncPlainSubscriber:
     def __init__(self, client_kwargs: dict[str, Any]) -> None:
         self.client = redis.asyncio.Redis(**client_kwargs)
         self.connection: Any = None
-        self._reader = hiredis.Reader()
+        self._reader = hiredis.Reader(protocolError=redis.exceptions.InvalidResponse)
 
     async def _conn(self) -> Any:
         if self.connection is None:
@@ -209,7 +209,7 @@ class AsyncPlainSubscriber:
                 raise redis.ConnectionError("the subscriber connection is closed")
             try:
                 data = await _read(stream, timeout)
-            except (asyncio.TimeoutError, TimeoutError):
+            except _WaitRanOut:
                 return None
             return _fed(reader, data)
         return _message(reply)
@@ -220,19 +220,32 @@ class AsyncPlainSubscriber:
         await aclose_own(connection, self.client)
 
 
+class _WaitRanOut(Exception):
+    """The wait for the subscription's next bytes ran out (not a failure of the connection,
+    whose own timeouts stay errors)."""
+
+
 if sys.version_info >= (3, 11):
 
     async def _read(stream: asyncio.StreamReader, timeout: float | None) -> bytes:
-        """What the stream has, waiting at most ``timeout`` seconds (TimeoutError after)."""
+        """What the stream has, waiting at most ``timeout`` seconds (_WaitRanOut after)."""
         if timeout is None:
             return await stream.read(65536)
-        async with asyncio.timeout(max(timeout, 0.0)):
-            return await stream.read(65536)
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)) as wait:
+                return await stream.read(65536)
+        except TimeoutError:
+            if wait.expired():
+                raise _WaitRanOut from None
+            raise  # the transport's own (ETIMEDOUT): the connection is dead
 
 else:  # pragma: no cover - Python 3.10
 
     async def _read(stream: asyncio.StreamReader, timeout: float | None) -> bytes:
-        """What the stream has, waiting at most ``timeout`` seconds (TimeoutError after)."""
+        """What the stream has, waiting at most ``timeout`` seconds (_WaitRanOut after)."""
         if timeout is None:
             return await stream.read(65536)
-        return await asyncio.wait_for(stream.read(65536), max(timeout, 0.0))
+        try:
+            return await asyncio.wait_for(stream.read(65536), max(timeout, 0.0))
+        except asyncio.TimeoutError:  # on 3.10 not the builtin TimeoutError (ETIMEDOUT)
+            raise _WaitRanOut from None

@@ -488,8 +488,9 @@ class AsyncNearCache(CacheCommon):
         self._wake.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until Redis acknowledged every invalidation made so far on this instance
-        (and, with ``l2=True``, every value this instance loaded and stored in L2).
+        """Wait until Redis acknowledged every invalidation made so far on this instance.
+        With ``l2=True`` it first waits for the L2 fills running when it was called (each
+        within ``l2_timeout``): a value loaded before the call is then in L2.
 
         Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds,
         :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with an

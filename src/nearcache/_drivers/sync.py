@@ -511,8 +511,10 @@ class NearCache(CacheCommon):
                 self._wake_sender()
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Block until Redis acknowledged every invalidation made so far on this instance
-        (and, with ``l2=True``, every value this instance loaded and stored in L2).
+        """Block until Redis acknowledged every invalidation made so far on this instance.
+        With ``l2=True`` it first reads the answers to the L2 fills sent without waiting on
+        the L2 connections no other thread is using at that moment (each within
+        ``l2_timeout``): a value this thread loaded is then in L2.
 
         Raises :class:`~nearcache.FlushTimeoutError` after ``timeout`` seconds, and
         :class:`~nearcache.PublishRefusedError` at once when Redis answers the publish with

@@ -232,7 +232,7 @@ class PlainReads:
 
     def settle(self) -> None:
         """Read the replies still unread on the idle connections (hand each to its callback).
-        Raises what a failing connection raises (after dropping it)."""
+        Every connection taken is given back or dropped; then the first failure is raised."""
         taken: list[_Slot] = []
         idle = self._idle
         try:
@@ -240,16 +240,19 @@ class PlainReads:
                 taken.append(idle.pop())
         except IndexError:
             pass
-        finally:
-            while taken:
-                slot = taken.pop()
-                kept = False
-                try:
-                    if slot.pending:
-                        self._drain(self._socket(slot), slot)
-                    kept = not self.closed
-                finally:
-                    self._give_back(slot, kept)
+        failure: BaseException | None = None
+        for slot in taken:
+            kept = False
+            try:
+                if slot.pending:
+                    self._drain(self._socket(slot), slot)
+                kept = not self.closed
+            except BaseException as exc:  # dropped below; the others still go back
+                failure = failure or exc
+            finally:
+                self._give_back(slot, kept)
+        if failure is not None:
+            raise failure
 
     def _take(self) -> _Slot:
         try:
@@ -292,12 +295,19 @@ class PlainReads:
 
 
 def _reply(sock: Any, reader: Any) -> Any:
-    """The next reply on ``sock`` (parsed by ``reader``, fed as needed)."""
-    reply = reader.gets()
-    while reply is False:
-        _feed(sock, reader)
+    """The next reply on ``sock`` (parsed by ``reader``, fed as needed). RESP3 pushes the
+    server may send on any connection (maintenance notifications) are skipped: they answer
+    no request, and taking one for a reply would put every later reply one request late."""
+    while True:
         reply = reader.gets()
-    return reply
+        while reply is False:
+            _feed(sock, reader)
+            reply = reader.gets()
+        if type(reply) is not _PUSH:
+            return reply
+
+
+_PUSH: Any = getattr(hiredis, "PushNotification", None) if hiredis is not None else None
 
 
 def _feed(sock: Any, reader: Any) -> None:
@@ -502,6 +512,9 @@ class RedisL2:
             except _ERRORS:
                 self._failed()
                 return None
+            finally:
+                if self._closed:  # closed while it ran: close what it may have reopened
+                    self._close_clients()
         reply = self._run(self._read_where(placement), source, keys, args)
         return None if reply is None else bool(reply)
 
