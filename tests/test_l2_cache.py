@@ -249,6 +249,7 @@ def test_foreign_or_corrupt_l2_values_are_counted_misses(fleet: Fleet, plant: st
     region, key = None, "k"
     head = fleet.run(a.get_or_set("probe", lambda: 1))  # creates the generation tokens
     assert head == 1
+    fleet.run(a.flush())  # its fill is answered
     tags = fleet.admin.get(l2.value_keys(fleet.wire, None, "probe")[0])
     assert tags is not None
     tags = tags[: 2 + tags[0] + tags[1 + tags[0]]]

@@ -307,6 +307,8 @@ def _reply(sock: Any, reader: Any) -> Any:
             return reply
 
 
+_SENT = object()  # RedisL2._run: sent, the reply comes later
+
 _PUSH: Any = getattr(hiredis, "PushNotification", None) if hiredis is not None else None
 
 
@@ -505,18 +507,9 @@ class RedisL2:
             return None
         reign = None if placement.sharded else reign_of(placement)
         source, keys, args = step.script_call(placement.channel, region, key, reign)
-        if not placement.sharded and not self._closed:
-            try:
-                if self._read_node(placement).send(source, keys, args, self._filled):
-                    return None
-            except _ERRORS:
-                self._failed()
-                return None
-            finally:
-                if self._closed:  # closed while it ran: close what it may have reopened
-                    self._close_clients()
-        reply = self._run(self._read_where(placement), source, keys, args)
-        return None if reply is None else bool(reply)
+        later = None if placement.sharded else self._filled
+        reply = self._run(self._read_where(placement), source, keys, args, later)
+        return None if reply is None or reply is _SENT else bool(reply)
 
     def _filled(self, reply: Any) -> None:
         """Count the reply to a fill sent without waiting (an error reply: the fill failed;
@@ -551,14 +544,24 @@ class RedisL2:
         """Where read-path scripts run: the cluster's router, or the subscription's node."""
         return self._router(write=False) if placement.sharded else self._read_node(placement)
 
-    def _run(self, where: Any, source: str, keys: list[str], args: list[Any]) -> Any:
+    def _run(
+        self,
+        where: Any,
+        source: str,
+        keys: list[str],
+        args: list[Any],
+        later: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Run a read-path script on a node or a cluster router; None (counted, breaker
         opened) if Redis failed. Once closed, None without a command: a load that outlived
         close() (its fill, its lease release) must not open a connection that nothing would
-        close."""
+        close. With ``later`` (on a node), the script is sent without waiting when the node
+        has it: _SENT, and ``later`` gets the reply when it is read."""
         if self._closed:
             return None
         try:
+            if later is not None and where.send(source, keys, args, later):
+                return _SENT  # sent; ``later`` gets the reply when it is read
             reply = where.run(source, keys, args)
         except _ERRORS:
             self._failed()
