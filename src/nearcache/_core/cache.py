@@ -381,9 +381,7 @@ class CacheCore:
     def local(self, op: Invalidation) -> bool:
         """Apply an invalidation made on this instance; return whether the sender must wake."""
         if op.kind is _KEY:
-            if self.store.remove(op.key, op.region) and self.dropped is not None:
-                self._mark_dropped(op.region, op.key)
-            return self.networked and self.outbox.add_key(op.region, op.key)
+            return self.remove(op.key, op.region)
         self.apply(op)
         if not self.networked:
             return False

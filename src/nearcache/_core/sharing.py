@@ -531,12 +531,16 @@ class Sharing:
         if ttl is None:
             ttl = self._default_ttl
         ttl = self._ttl_cap if ttl is None else min(ttl, self._ttl_cap)
-        stored = yield Fill(token, payload, ttl, got.gen, got.rgen)
-        if stored:
-            stats.l2_fills += 1
-        elif stored is not None:
-            stats.l2_fills_refused += 1
+        self.fill_answered((yield Fill(token, payload, ttl, got.gen, got.rgen)))
         return value
+
+    def fill_answered(self, stored: bool | None) -> None:
+        """Count a fill's answer: stored, refused (the lease was gone), or None (L2 failed,
+        counted as such; or the driver sent it without waiting and counts it here later)."""
+        if stored:
+            self.stats.l2_fills += 1
+        elif stored is not None:
+            self.stats.l2_fills_refused += 1
 
 
 def sharing_options(

@@ -265,12 +265,7 @@ class AsyncRedisL2:
         return None if reply is None else bool(reply)
 
     async def _fill_counted(self, key: Key, region: Region, step: Fill) -> None:
-        stored = await self._fill(key, region, step)
-        stats = self._sharing.stats
-        if stored:
-            stats.l2_fills += 1
-        elif stored is not None:
-            stats.l2_fills_refused += 1
+        self._sharing.fill_answered(await self._fill(key, region, step))
 
     async def settle(self) -> None:
         """Wait for the fills running in the background (those started before the call):

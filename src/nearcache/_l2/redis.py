@@ -514,13 +514,10 @@ class RedisL2:
     def _filled(self, reply: Any) -> None:
         """Count the reply to a fill sent without waiting (an error reply: the fill failed;
         the lease it held expires)."""
-        stats = self._sharing.stats
         if isinstance(reply, Exception):
-            stats.l2_errors += 1
-        elif reply:
-            stats.l2_fills += 1
+            self._sharing.stats.l2_errors += 1
         else:
-            stats.l2_fills_refused += 1
+            self._sharing.fill_answered(bool(reply))
 
     def settle(self) -> None:
         """Wait for the replies to the fills sent without waiting (on connections not in use
