@@ -125,6 +125,26 @@ def test_regions_are_decoded_once_per_run() -> None:
     assert got[0].region is got[2].region
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(regions, keys), max_size=20), st.integers(0, 2**64))
+def test_key_entries_agree(idents: list[tuple[str | None, Any]], seq: int) -> None:
+    """The outbox's queue entries for staged keys: the same (seq, Invalidation) pairs, of the
+    Invalidation type itself, from C and from Python."""
+    fast, slow = both(codec.key_entries, seq, idents)
+    assert fast == slow
+    _, entries = fast
+    assert all(type(op) is Invalidation and op.kind is Kind.KEY for _, op in entries)
+    assert all(s is seq for s, _ in entries)
+
+
+def test_key_entries_refuses_what_is_not_an_ident() -> None:
+    """Bad input to the C helper is an error, not a crash."""
+    with pytest.raises(TypeError, match="ident"):
+        codec._wire.key_entries(1, [("region", "key", "extra")])
+    with pytest.raises(TypeError):
+        codec._wire.key_entries(1, (("region", "key"),))
+
+
 def test_the_python_codec_stands_alone(python_codec: None) -> None:
     """With the C codec off, messages still round-trip (the fallback every platform has)."""
     ops = [Invalidation(Kind.KEY, "r", "k"), Invalidation(Kind.CLEAR)]

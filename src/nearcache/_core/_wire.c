@@ -2,18 +2,20 @@
 
    encode(): one message of key / region / clear operations, unsigned, as bytes.
    decode(): the operations of one message, from the first operation to ``end``.
+   key_entries(): the outbox's queue entries for staged key invalidations (see outbox.py).
 
-   Both handle only what the hot paths meet: exact str / bytes / int keys, str or None regions,
-   no UPDATE operations. For anything else, or any malformed byte, they return None and the
-   caller runs the Python codec, which produces the same result or the precise MessageError:
-   a malformed message costs two decodes, a valid one never more than this one. The
-   differential tests in tests/test_wire.py hold both codecs to the same bytes and results.
+   encode() and decode() handle only what the hot paths meet: exact str / bytes / int keys,
+   str or None regions, no UPDATE operations. For anything else, or any malformed byte, they
+   return None and the caller runs the Python codec, which produces the same result or the
+   precise MessageError: a malformed message costs two decodes, a valid one never more than
+   this one. The differential tests in tests/test_wire.py hold both codecs to the same bytes
+   and results.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 
-#define API_VERSION 1
+#define API_VERSION 2
 #define HEADER_SIZE 32
 #define DEFAULT_REGION 0xFFFF
 #define KEY_STR 1
@@ -323,6 +325,42 @@ done:
     return result;
 }
 
+/* key_entries(seq, idents): [(seq, Invalidation(KEY, region, key)) for region, key in idents]. */
+static PyObject *key_entries(PyObject *module, PyObject *args) {
+    PyObject *seq, *idents;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyLong_Type, &seq, &PyList_Type, &idents)) return NULL;
+    if (invalidation_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_wire.configure() was not called");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(idents);
+    PyObject *entries = PyList_New(n);
+    if (entries == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ident = PyList_GET_ITEM(idents, i);
+        if (!PyTuple_CheckExact(ident) || PyTuple_GET_SIZE(ident) != 2) {
+            PyErr_SetString(PyExc_TypeError, "an ident must be a (region, key) tuple");
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyObject *op = new_op(kind_key, PyTuple_GET_ITEM(ident, 0), PyTuple_GET_ITEM(ident, 1));
+        if (op == NULL) {
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyObject *entry = PyTuple_New(2);
+        if (entry == NULL) {
+            Py_DECREF(op);
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(entry, 0, Py_NewRef(seq));
+        PyTuple_SET_ITEM(entry, 1, op);
+        PyList_SET_ITEM(entries, i, entry);
+    }
+    return entries;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args) {
     PyObject *type, *key, *region, *clear;
     if (!PyArg_ParseTuple(args, "O!OOO", &PyType_Type, &type, &key, &region, &clear)) return NULL;
@@ -346,6 +384,9 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(data, pos, end, count) -> tuple | None: the operations, or None when they "
      "need the Python codec (or are malformed)."},
+    {"key_entries", key_entries, METH_VARARGS,
+     "key_entries(seq, idents) -> list: (seq, Invalidation(KEY, region, key)) for each "
+     "(region, key) of idents."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -354,6 +354,10 @@ class CacheCore:
         self.sharing = sharing
         if sharing is not None:
             sharing.max_staleness = options.max_staleness if networked else math.inf
+        #: Where a driver's ``set`` stages its key invalidation itself (the outbox's
+        #: ``staged``; see Outbox.staged for the rules), or None: a local cache, or values
+        #: travel (every write then goes through the outbox's methods).
+        self.staged = self.outbox.staged if networked and sharing is None else None
         # Own writes whose message has not come back on the subscription yet, by the first
         # sequence number of their batch: a received value never replaces them (it may have
         # been published before them, and their own echo is skipped), it only evicts.

@@ -37,7 +37,7 @@ import hmac
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ __all__ = [
     "channel_name",
     "decode",
     "encode",
+    "key_entries",
 ]
 
 MAGIC = b"NC"
@@ -174,10 +175,19 @@ def _load_wire() -> Any:
     return _wire
 
 
-_WIRE_API = 1  # bumped with every change of _wire's interface
+_WIRE_API = 2  # bumped with every change of _wire's interface
 _wire: Any = _load_wire()
 #: Whether messages are encoded and decoded in C where they can be.
 WIRE_ACCELERATED = _wire is not None
+
+
+def key_entries(seq: int, idents: list[tuple[Region, Hashable]]) -> list[tuple[int, Invalidation]]:
+    """``(seq, Invalidation(Kind.KEY, region, key))`` for each ``(region, key)`` of
+    ``idents``: the outbox's queue entries for the key invalidations it folds in at once."""
+    if _wire is not None:
+        return _wire.key_entries(seq, idents)  # type: ignore[no-any-return]
+    new, key = tuple.__new__, Kind.KEY
+    return [(seq, new(Invalidation, (key, region, k))) for region, k in idents]
 
 
 class Message(NamedTuple):

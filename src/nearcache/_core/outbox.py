@@ -7,6 +7,12 @@ waiting (never with the in-flight batch: it may already have been delivered befo
 write happened).
 
 - A repeated key is kept once (at its first position: the receivers evict it either way).
+- A plain key invalidation (the path of every ``set`` and ``remove`` without values) is only
+  staged by the caller: one list append. The staged keys are folded into the queue at once,
+  by the next operation that needs the queue (the sender's :meth:`Outbox.take` under load),
+  their repeats coalesced and their entries built in C where the codec's accelerator is
+  built. Each folded entry carries the first sequence number of its fold: ``delivered`` may
+  lag behind what was acknowledged (a flush then waits for one more batch), never run ahead.
 - A clear supersedes everything waiting.
 - Past ``max_pending`` waiting invalidations the outbox degrades to one clear: receivers
   will drop everything, but no invalidation is lost.
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
+from itertools import islice
+from operator import itemgetter
 
-from nearcache._core.codec import Invalidation, Kind, Update
+from nearcache._core.codec import Invalidation, Kind, Update, key_entries
 
-__all__ = ["EVERY_KEY", "REGION_KEYS", "Outbox", "written_ident"]
+__all__ = ["EVERY_KEY", "REGION_KEYS", "STAGE_MAX", "Outbox", "written_ident"]
 
 _Ident = tuple[str | None, Hashable]
 
@@ -61,6 +69,10 @@ def written_ident(op: Invalidation) -> _Ident:
 # paths compare with these module constants instead.
 _KEY, _UPDATE, _CLEAR = Kind.KEY, Kind.UPDATE, Kind.CLEAR
 _new_op = tuple.__new__
+_second = itemgetter(1)
+# Staged keys past this many are folded by the caller (the sender may be stuck: the bound
+# on waiting invalidations applies to them as to the rest).
+STAGE_MAX = 16384
 
 
 class Outbox:
@@ -87,15 +99,22 @@ class Outbox:
         self._cleared_at: dict[_Ident, int] = {}
         self._queue: deque[tuple[int, Invalidation]] = deque()  # (first sequence, op)
         self._in_flight = 0  # length of the queue's prefix taken by the sender
-        self._waiting_keys: set[tuple[str | None, Hashable]] = set()
-        self._accepted = 0  # sequence of the last accepted invalidation
+        # The keys that wait (a dict used as an ordered set: a fold into an empty queue makes
+        # its dict of staged keys this, without a copy).
+        self._waiting_keys: dict[_Ident, None] = {}
+        self._accepted = 0  # sequence of the last invalidation folded into the queue
+        #: Key invalidations accepted after that, in order, as ``(region, key)``: what
+        #: :meth:`add_key` stages. The list is never replaced, so a caller on the hottest path
+        #: may append to it itself, only while :attr:`plain` holds, and must then call
+        #: :meth:`fold` once it holds :data:`STAGE_MAX` keys or more.
+        self.staged: list[_Ident] = []
         self.degraded = 0  # how many times the bound collapsed the queue into one clear
         self.coalesced = 0
 
     @property
     def accepted(self) -> int:
         """Sequence number of the last accepted invalidation."""
-        return self._accepted
+        return self._accepted + len(self.staged)
 
     @property
     def delivered(self) -> int:
@@ -111,14 +130,18 @@ class Outbox:
 
     @property
     def waiting(self) -> int:
-        """Invalidations not yet taken by the sender."""
-        return len(self._queue) - self._in_flight
+        """Invalidations not yet taken by the sender (repeats of a staged key counted until
+        they are folded)."""
+        return len(self._queue) - self._in_flight + len(self.staged)
 
     def __len__(self) -> int:
+        """Invalidations waiting or in flight (folds what is staged, to count it exactly)."""
+        self.fold()
         return len(self._queue)
 
     def add_keys(self, ops: list[Invalidation]) -> None:
         """Accept several key invalidations (what :meth:`add` does for each, in one loop)."""
+        self.fold()
         waiting_keys, queue = self._waiting_keys, self._queue
         if (
             len(queue) - self._in_flight + len(ops) > self._max_pending
@@ -132,7 +155,7 @@ class Outbox:
         known = before
         for op in ops:
             accepted += 1
-            waiting_keys.add((op.region, op.key))
+            waiting_keys[(op.region, op.key)] = None
             if len(waiting_keys) != known:  # a new key: queue it; a repeat is coalesced
                 known += 1
                 append((accepted, op))
@@ -143,26 +166,50 @@ class Outbox:
         """Accept one key invalidation (what :meth:`add` does, on the path every ``set`` and
         ``remove`` takes); return whether nothing was waiting before it (the sender must
         wake)."""
-        queue = self._queue
-        idle = len(queue) == self._in_flight
+        staged = self.staged
+        idle = not staged and len(self._queue) == self._in_flight
         if self._values or self._latest or self.track_writes:
             self.add(_new_op(Invalidation, (_KEY, region, key)))
             return idle
-        self._accepted += 1
-        ident = (region, key)
-        waiting_keys = self._waiting_keys
-        if ident in waiting_keys:
-            self.coalesced += 1
-        elif len(queue) - self._in_flight < self._max_pending:
-            waiting_keys.add(ident)
-            queue.append((self._accepted, _new_op(Invalidation, (_KEY, region, key))))
-        else:
-            self._accepted -= 1
-            self.add(_new_op(Invalidation, (_KEY, region, key)))  # degrades to a clear
+        staged.append((region, key))
+        if len(staged) >= STAGE_MAX:
+            self.fold()
         return idle
+
+    @property
+    def plain(self) -> bool:
+        """Whether key invalidations may be staged: no values travel and no write is
+        tracked (always, for a cache without ``l2`` and ``propagate="update"``)."""
+        return not (self._values or self._latest or self.track_writes)
+
+    def fold(self) -> None:
+        """Move the staged key invalidations into the queue, as :meth:`add` would one by
+        one (coalesced with the waiting keys and with each other, bounded by
+        ``max_pending``), in a few C-speed passes."""
+        if not self.staged:
+            return
+        staged = self.staged.copy()
+        self.staged.clear()  # the list stays the same object (see staged)
+        first = self._accepted + 1
+        unique = dict.fromkeys(staged)  # the first position of each key, in order
+        waiting_keys, queue = self._waiting_keys, self._queue
+        if len(queue) - self._in_flight + len(unique) > self._max_pending:
+            for region, key in staged:  # near the bound: one at a time, degrading to a clear
+                self.add(_new_op(Invalidation, (_KEY, region, key)))
+            return
+        if waiting_keys:
+            new = [i for i in unique if i not in waiting_keys]
+            waiting_keys.update(dict.fromkeys(new))
+        else:
+            new = list(unique)
+            self._waiting_keys = unique
+        queue.extend(key_entries(first, new))
+        self.coalesced += len(staged) - len(new)
+        self._accepted += len(staged)
 
     def add(self, op: Invalidation) -> int:
         """Accept one invalidation; return its sequence number."""
+        self.fold()
         self._accepted += 1
         seq = self._accepted
         if op.kind is Kind.KEY or op.kind is Kind.UPDATE:
@@ -190,7 +237,7 @@ class Outbox:
                     self._accepted_at[ident] = seq
                 return seq
             if self.waiting < self._max_pending:
-                self._waiting_keys.add(ident)
+                self._waiting_keys[ident] = None
                 self._queue.append((seq, op))
                 if op.kind is Kind.UPDATE:
                     self._carry(ident, op)
@@ -252,6 +299,7 @@ class Outbox:
     def holds(self, region: str | None, key: Hashable) -> bool:
         """Whether a write of this key made here waits or is in flight (the latter, and the
         clears and clear_regions that write it, known only with ``track_in_flight``)."""
+        self.fold()
         ident = (region, key)
         if ident in self._waiting_keys or ident in self._in_flight_keys:
             return True
@@ -272,17 +320,18 @@ class Outbox:
         Everything in flight must be committed before the next take.
         """
         assert self._in_flight == 0, "commit the batch in flight first"
+        self.fold()
         queue = self._queue
         count = min(max_ops, len(queue))
         if count == len(queue):
-            batch = [op for _, op in queue]
+            batch = list(map(_second, queue))
             self._waiting_keys.clear()  # everything is taken: nothing waits any more
         else:
-            batch = [queue[i][1] for i in range(count)]
-            discard, key_kind = self._waiting_keys.discard, Kind.KEY
+            batch = list(map(_second, islice(queue, count)))  # (a deque's [i] walks to i)
+            discard = self._waiting_keys.pop
             for op in batch:
-                if op.kind is key_kind or op.kind is Kind.UPDATE:
-                    discard((op.region, op.key))
+                if op.kind is _KEY or op.kind is _UPDATE:
+                    discard((op.region, op.key), None)
         if self._latest or self._values or self._accepted_at:
             self._take_latest(batch)
         if self._cleared_at:

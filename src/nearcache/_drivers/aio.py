@@ -32,6 +32,7 @@ from nearcache._core.cache import (
 )
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
+from nearcache._core.outbox import STAGE_MAX
 from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
@@ -392,9 +393,16 @@ class AsyncNearCache(CacheCommon):
                 await self.remove(key, region=region)  # never left stale anywhere
                 raise
         if data is None:
-            # CacheCore.set's plain path, inlined as in NearCache.set.
+            # CacheCore.set's plain path and Outbox.add_key, inlined as in NearCache.set.
             core.store.set(key, value, region, ttl, sliding)
-            wake = core.networked and core.outbox.add_key(region, key)
+            staged = core.staged
+            if staged is None:
+                wake = False
+            else:
+                wake = not staged
+                staged.append((region, key))
+                if len(staged) >= STAGE_MAX:
+                    core.outbox.fold()
         else:
             wake = core.set(key, value, region, ttl, sliding, data, self._log_position())
         if wake:

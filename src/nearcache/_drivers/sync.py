@@ -25,6 +25,7 @@ from nearcache._core.cache import (
 )
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options, MessagePlan
+from nearcache._core.outbox import STAGE_MAX
 from nearcache._core.sharing import Absent, lookup, new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
@@ -420,9 +421,18 @@ class NearCache(CacheCommon):
             if self._state is _CLOSED:
                 self._check_open()  # raises
             if data is None:
-                # CacheCore.set's plain path, inlined: two Python frames fewer per set.
+                # CacheCore.set's plain path, inlined: no Python frame but this one per set.
                 core.store.set(key, value, region, ttl, sliding)
-                wake = core.networked and core.outbox.add_key(region, key)
+                staged = core.staged
+                if staged is None:
+                    wake = False
+                else:
+                    # Outbox.add_key, inlined: stage the key (the sender folds it in). A wake
+                    # with invalidations already waiting costs one notify and is harmless.
+                    wake = not staged
+                    staged.append((region, key))
+                    if len(staged) >= STAGE_MAX:
+                        core.outbox.fold()
             else:
                 wake = core.set(key, value, region, ttl, sliding, data, self._log_position())
             if wake:
