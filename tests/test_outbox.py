@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -429,7 +430,7 @@ def test_add_key_is_add_for_a_key(steps: list[tuple[str, str | None, int]], boun
     exactly what ``add`` of the same key invalidation would, bound and coalescing included,
     and says whether nothing waited before it. In between, ``accepted`` is exact, anything
     waits exactly when it would, and ``delivered`` may lag (a flush waits longer), never lead.
-    Once folded (``len``), the counters match."""
+    Once folded, the counters match."""
     fast, slow = Outbox(max_pending=bound), Outbox(max_pending=bound)
     for what, name, n in steps:
         if what == "key":
@@ -451,7 +452,8 @@ def test_add_key_is_add_for_a_key(steps: list[tuple[str, str | None, int]], boun
         assert fast.delivered <= slow.delivered
         if slow.delivered == slow.accepted:
             assert fast.delivered == fast.accepted
-        assert len(fast) == len(slow)  # folds
+        fast.fold()
+        assert len(fast) == len(slow)
         assert (fast.waiting, fast.coalesced, fast.degraded) == (
             slow.waiting,
             slow.coalesced,
@@ -484,3 +486,55 @@ def test_staged_keys_past_the_stage_limit_are_folded_by_the_caller() -> None:
     assert len(outbox.staged) < 5_000
     assert outbox.degraded >= 1
     assert outbox.take(10**6)[0] == CLEAR
+
+
+def test_len_counts_staged_keys_without_folding_them() -> None:
+    """len() only reads (a metrics thread may call it through stats()): the staged keys stay
+    staged, counted with their repeats, and nothing is lost."""
+    outbox = Outbox()
+    for name in ["a", "b", "a"]:
+        outbox.add_key(None, name)
+    assert len(outbox) == 3
+    assert outbox.staged == [(None, "a"), (None, "b"), (None, "a")]
+    assert outbox.take(10) == [key("a"), key("b")]
+
+
+def test_superseded_sees_a_staged_key_that_degrades_to_a_clear() -> None:
+    """A staged key past the bound becomes the clear that supersedes the batch in flight,
+    before anyone asks (publish_failed decides on it)."""
+    outbox = Outbox(max_pending=1)
+    outbox.add_key(None, 1)
+    outbox.take(10)
+    outbox.add_key(None, 2)
+    outbox.add_key(None, 3)
+    assert outbox.superseded
+
+
+def test_a_failed_fold_loses_no_staged_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold that fails building its entries (memory) changes nothing: the keys stay
+    staged and go out with the next fold."""
+    from nearcache._core import outbox as outbox_module
+
+    outbox = Outbox()
+    outbox.add(key("w"))
+    outbox.add_key(None, "a")
+
+    def no_memory(seq: int, idents: list[object]) -> list[object]:
+        raise MemoryError
+
+    monkeypatch.setattr(outbox_module, "key_entries", no_memory)
+    with pytest.raises(MemoryError):
+        outbox.fold()
+    monkeypatch.undo()
+    assert (outbox.accepted, outbox.staged) == (2, [(None, "a")])
+    assert outbox.take(10) == [key("w"), key("a")]
+
+
+def test_no_more_keys_stay_staged_than_the_bound() -> None:
+    """With a bound below STAGE_MAX the caller folds at the bound: never more keys wait
+    (staged or queued) than max_pending, a stuck sender or not."""
+    outbox = Outbox(max_pending=10)
+    for i in range(25):
+        outbox.add_key(None, f"k{i}")
+        assert len(outbox.staged) < 10
+    assert outbox.degraded >= 1

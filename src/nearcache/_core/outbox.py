@@ -106,8 +106,11 @@ class Outbox:
         #: Key invalidations accepted after that, in order, as ``(region, key)``: what
         #: :meth:`add_key` stages. The list is never replaced, so a caller on the hottest path
         #: may append to it itself, only while :attr:`plain` holds, and must then call
-        #: :meth:`fold` once it holds :data:`STAGE_MAX` keys or more.
+        #: :meth:`fold` once it holds :attr:`stage_max` keys or more.
         self.staged: list[_Ident] = []
+        #: Staged keys past this many are folded by the caller: :data:`STAGE_MAX`, or
+        #: ``max_pending`` if lower (no more keys wait than the bound allows).
+        self.stage_max = min(STAGE_MAX, max_pending)
         self.degraded = 0  # how many times the bound collapsed the queue into one clear
         self.coalesced = 0
 
@@ -135,9 +138,9 @@ class Outbox:
         return len(self._queue) - self._in_flight + len(self.staged)
 
     def __len__(self) -> int:
-        """Invalidations waiting or in flight (folds what is staged, to count it exactly)."""
-        self.fold()
-        return len(self._queue)
+        """Invalidations waiting or in flight (repeats of a staged key counted until they
+        are folded). Reads only: safe from a thread that does not own the outbox."""
+        return len(self._queue) + len(self.staged)
 
     def add_keys(self, ops: list[Invalidation]) -> None:
         """Accept several key invalidations (what :meth:`add` does for each, in one loop)."""
@@ -172,7 +175,7 @@ class Outbox:
             self.add(_new_op(Invalidation, (_KEY, region, key)))
             return idle
         staged.append((region, key))
-        if len(staged) >= STAGE_MAX:
+        if len(staged) >= self.stage_max:
             self.fold()
         return idle
 
@@ -186,26 +189,29 @@ class Outbox:
         """Move the staged key invalidations into the queue, as :meth:`add` would one by
         one (coalesced with the waiting keys and with each other, bounded by
         ``max_pending``), in a few C-speed passes."""
-        if not self.staged:
+        staged = self.staged  # (the list stays the same object: see staged)
+        if not staged:
             return
-        staged = self.staged.copy()
-        self.staged.clear()  # the list stays the same object (see staged)
         first = self._accepted + 1
         unique = dict.fromkeys(staged)  # the first position of each key, in order
         waiting_keys, queue = self._waiting_keys, self._queue
         if len(queue) - self._in_flight + len(unique) > self._max_pending:
-            for region, key in staged:  # near the bound: one at a time, degrading to a clear
+            taken = staged.copy()
+            staged.clear()
+            for region, key in taken:  # near the bound: one at a time, degrading to a clear
                 self.add(_new_op(Invalidation, (_KEY, region, key)))
             return
+        new = [i for i in unique if i not in waiting_keys] if waiting_keys else list(unique)
+        entries = key_entries(first, new)  # before any change: a MemoryError loses nothing
+        count = len(staged)
+        staged.clear()
         if waiting_keys:
-            new = [i for i in unique if i not in waiting_keys]
             waiting_keys.update(dict.fromkeys(new))
         else:
-            new = list(unique)
             self._waiting_keys = unique
-        queue.extend(key_entries(first, new))
-        self.coalesced += len(staged) - len(new)
-        self._accepted += len(staged)
+        queue.extend(entries)
+        self.coalesced += count - len(new)
+        self._accepted += count
 
     def add(self, op: Invalidation) -> int:
         """Accept one invalidation; return its sequence number."""
@@ -386,7 +392,9 @@ class Outbox:
 
     @property
     def superseded(self) -> bool:
-        """Whether the batch in flight no longer matters: a clear waits right behind it."""
+        """Whether the batch in flight no longer matters: a clear waits right behind it
+        (staged keys folded first: past the bound they become that clear)."""
+        self.fold()
         if self._in_flight == 0 or self._in_flight >= len(self._queue):
             return False
         return self._queue[self._in_flight][1].kind is Kind.CLEAR

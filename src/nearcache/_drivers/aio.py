@@ -32,7 +32,6 @@ from nearcache._core.cache import (
 )
 from nearcache._core.codec import Invalidation, Kind
 from nearcache._core.l2 import L2Options
-from nearcache._core.outbox import STAGE_MAX
 from nearcache._core.sharing import new_sharing
 from nearcache._core.store import MISSING, Reservation
 from nearcache._drivers.common import (
@@ -401,7 +400,7 @@ class AsyncNearCache(CacheCommon):
             else:
                 wake = not staged
                 staged.append((region, key))
-                if len(staged) >= STAGE_MAX:
+                if len(staged) >= core.stage_max:
                     core.outbox.fold()
         else:
             wake = core.set(key, value, region, ttl, sliding, data, self._log_position())
