@@ -881,6 +881,8 @@ class CacheStats:
     publishing: str
     publish_error: str | None
     senders: int
+    #: Invalidations waiting or in flight; a key set again before the sender took it counts
+    #: once per set until the staged keys are folded (see Outbox.staged).
     pending: int
     degraded_to_clear: int
     backplane: str
