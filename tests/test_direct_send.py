@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from nearcache import AsyncNearCache, NearCache
+from tests.instances import Instance
 from tests.servers import RedisServer, wait_until
 
 BIG = 8192  # keys in one batch (BATCH_MAX_OPS): 32 MiB with 4 KiB keys, far past any buffer
@@ -203,3 +204,64 @@ def test_writers_on_many_threads_keep_each_ones_order(
         )
         assert reader.stats().sequence_gaps == before.sequence_gaps
         assert reader.stats().repairs == before.repairs
+
+
+async def _async_sets_past_the_bound(
+    conn: str, channel: str, server: RedisServer, freeze: Callable[[RedisServer], None]
+) -> tuple[int, float]:
+    writer = AsyncNearCache(conn, channel=channel, abort_connect=True, max_pending=50)
+    try:
+        await writer.set("warm", 1)
+        await writer.flush()
+        freeze(server)
+        for i in range(200):
+            await writer.set(f"k{i}", "new")
+        degraded = writer.stats().degraded_to_clear
+        os.kill(server.pid or 0, signal.SIGCONT)
+        await writer.flush(timeout=30)
+        return degraded, time.monotonic()
+    finally:
+        await writer.aclose()
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_sets_past_the_bound_on_a_frozen_redis_reach_the_fleet_as_one_clear(
+    redis_factory: Callable[..., RedisServer],
+    channel: str,
+    frozen: Callable[[RedisServer], None],
+    driver: str,
+) -> None:
+    """Sets staged while Redis is frozen, past ``max_pending``: the writer folds them itself,
+    degrades them to one clear, and once Redis runs again the other instance (its own
+    process) applies that clear: it holds none of the keys, nor the one nobody wrote."""
+    server = redis_factory()
+    conn = f"{server.host}:{server.port},syncTimeout=30000"
+    reader = Instance(conn, channel, name="reader")
+    try:
+        for key in [f"k{i}" for i in range(200)] + ["untouched"]:
+            assert reader.call("get_or_set", key=key, value="old") == "old"
+        before = reader.call("stats")
+        if driver == "sync":
+            with NearCache(conn, channel=channel, abort_connect=True, max_pending=50) as writer:
+                writer.set("warm", 1)
+                writer.flush()
+                frozen(server)
+                for i in range(200):
+                    writer.set(f"k{i}", "new")
+                degraded = writer.stats().degraded_to_clear
+                os.kill(server.pid or 0, signal.SIGCONT)
+                writer.flush(timeout=30)
+        else:
+            degraded, _ = asyncio.run(_async_sets_past_the_bound(conn, channel, server, frozen))
+        assert degraded >= 1
+        assert reader.call("wait_gone", key="untouched", timeout=10.0) is not None
+        for i in range(200):
+            assert reader.call("get", key=f"k{i}") == {"missing": True}
+        after = reader.call("stats")
+        # Dropped by the clear, not by a repair after a lost subscription.
+        assert (after["repairs"], after["resubscriptions"]) == (
+            before["repairs"],
+            before["resubscriptions"],
+        )
+    finally:
+        reader.close()
