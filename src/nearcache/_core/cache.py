@@ -358,7 +358,6 @@ class CacheCore:
         #: ``staged``; see Outbox.staged for the rules), or None: a local cache, or values
         #: travel (every write then goes through the outbox's methods).
         self.staged = self.outbox.staged if networked and sharing is None else None
-        self.stage_max = self.outbox.stage_max
         # Own writes whose message has not come back on the subscription yet, by the first
         # sequence number of their batch: a received value never replaces them (it may have
         # been published before them, and their own echo is skipped), it only evicts.

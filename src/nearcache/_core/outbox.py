@@ -105,7 +105,8 @@ class Outbox:
         self._accepted = 0  # sequence of the last invalidation folded into the queue
         #: Key invalidations accepted after that, in order, as ``(region, key)``: what
         #: :meth:`add_key` stages. The list is never replaced, so a caller on the hottest path
-        #: may append to it itself, only while :attr:`plain` holds, and must then call
+        #: may append to it itself, only while no values travel and no write is tracked (no
+        #: ``l2``, no ``propagate="update"``: see CacheCore.staged), and must then call
         #: :meth:`fold` once it holds :attr:`stage_max` keys or more.
         self.staged: list[_Ident] = []
         #: Staged keys past this many are folded by the caller: :data:`STAGE_MAX`, or
@@ -178,12 +179,6 @@ class Outbox:
         if len(staged) >= self.stage_max:
             self.fold()
         return idle
-
-    @property
-    def plain(self) -> bool:
-        """Whether key invalidations may be staged: no values travel and no write is
-        tracked (always, for a cache without ``l2`` and ``propagate="update"``)."""
-        return not (self._values or self._latest or self.track_writes)
 
     def fold(self) -> None:
         """Move the staged key invalidations into the queue, as :meth:`add` would one by

@@ -400,7 +400,7 @@ class AsyncNearCache(CacheCommon):
             else:
                 wake = not staged
                 staged.append((region, key))
-                if len(staged) >= core.stage_max:
+                if len(staged) >= core.outbox.stage_max:
                     core.outbox.fold()
         else:
             wake = core.set(key, value, region, ttl, sliding, data, self._log_position())

@@ -430,7 +430,7 @@ class NearCache(CacheCommon):
                     # with invalidations already waiting costs one notify and is harmless.
                     wake = not staged
                     staged.append((region, key))
-                    if len(staged) >= core.stage_max:
+                    if len(staged) >= core.outbox.stage_max:
                         core.outbox.fold()
             else:
                 wake = core.set(key, value, region, ttl, sliding, data, self._log_position())

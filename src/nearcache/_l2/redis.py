@@ -558,7 +558,7 @@ class RedisL2:
             return None
         try:
             if later is not None and where.send(source, keys, args, later):
-                return _SENT  # sent; ``later`` gets the reply when it is read
+                return _SENT
             reply = where.run(source, keys, args)
         except _ERRORS:
             self._failed()
