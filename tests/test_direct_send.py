@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from nearcache import AsyncNearCache, NearCache
+from nearcache._backplane.wire import MAX_WRITTEN
 from tests.instances import Instance
-from tests.servers import RedisServer, wait_until
+from tests.servers import RedisServer, TcpProxy, wait_until
 
 BIG = 8192  # keys in one batch (BATCH_MAX_OPS): 32 MiB with 4 KiB keys, far past any buffer
 
@@ -265,3 +266,103 @@ def test_sets_past_the_bound_on_a_frozen_redis_reach_the_fleet_as_one_clear(
         )
     finally:
         reader.close()
+
+
+# -- the asyncio driver: callers write behind an unanswered batch (AsyncWire) ------------------
+
+BURST = [f"b{i}" for i in range(MAX_WRITTEN + 2)]  # past what callers may write unanswered
+
+
+async def _async_burst(url: str, channel: str, reader: NearCache) -> AsyncNearCache:
+    """An AsyncNearCache whose publishing connection is up, after ``reader`` cached every key
+    of BURST as "old"."""
+    writer = AsyncNearCache(url, channel=channel, abort_connect=True)
+    await writer.start()
+    await writer.set("warm", 1)
+    await writer.flush()
+    for key in BURST:
+        assert reader.get_or_set(key, lambda: "old") == "old"
+    wait_until(lambda: all(reader.get(key) == "old" for key in BURST))
+    return writer
+
+
+def test_async_writes_behind_an_unanswered_batch_reach_redis_at_once(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """A burst of ``set`` calls between two awaits: each of the first MAX_WRITTEN is written
+    behind the one before, unanswered, and reaches the other instance while the loop is
+    blocked (the sender task cannot read a reply); the rest wait for the replies."""
+
+    async def main() -> None:
+        with NearCache(redis_server.url, channel=channel, abort_connect=True) as reader:
+            writer = await _async_burst(redis_server.url, channel, reader)
+            for key in BURST:
+                await writer.set(key, "new")  # never suspends: no other task runs
+            # Blocks the loop: what reaches the reader was written by the calls above.
+            wait_until(lambda: all(reader.get(key) is None for key in BURST[:MAX_WRITTEN]), 5)
+            assert [reader.get(key) for key in BURST[MAX_WRITTEN:]] == ["old", "old"]
+            await writer.flush()
+            wait_until(lambda: all(reader.get(key) is None for key in BURST), 5)
+            stats = writer.stats()
+            assert (stats.pending, stats.invalidations_sent) == (0, len(BURST) + 1)
+            assert reader.stats().sequence_gaps == 0
+            await writer.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("fault", ["noscript", "cut"])
+def test_async_writes_behind_a_failed_batch_are_retried_with_it(
+    redis_server: RedisServer,
+    channel: str,
+    tcp_proxy: Callable[[int], TcpProxy],
+    fault: str,
+) -> None:
+    """The first request of a burst fails (the script was flushed from Redis, or the
+    connection is cut with every request unanswered): the retry sends the whole burst again,
+    and every key reaches the other instance; ``flush()`` returns once all are delivered."""
+    proxy = tcp_proxy(redis_server.port)
+    through = f"redis://{proxy.host}:{proxy.port}/0"
+
+    async def main() -> None:
+        with NearCache(redis_server.url, channel=channel, abort_connect=True) as reader:
+            writer = await _async_burst(through, channel, reader)
+            if fault == "noscript":
+                redis_server.client().script_flush()
+            else:
+                proxy.stall()  # every request of the burst is lost on the way
+            for key in BURST[:MAX_WRITTEN]:
+                await writer.set(key, "new")
+            if fault == "cut":
+                proxy.cut()
+                proxy.resume()
+            # (flush() reports a refusal at once: poll with a deadline, the loop running.)
+            deadline = time.monotonic() + 10
+            while writer.stats().pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await writer.flush(timeout=1)
+            wait_until(lambda: all(reader.get(key) is None for key in BURST[:MAX_WRITTEN]), 5)
+            stats = writer.stats()
+            assert stats.publish_failures >= 1
+            assert stats.pending == 0
+            await writer.aclose()
+
+    asyncio.run(main())
+
+
+def test_async_close_delivers_every_write_behind_an_unanswered_batch(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """``aclose()`` right after a burst: every request of it is answered (or sent again)
+    before the connection closes, and the other instance drops every key."""
+
+    async def main() -> None:
+        with NearCache(redis_server.url, channel=channel, abort_connect=True) as reader:
+            writer = await _async_burst(redis_server.url, channel, reader)
+            for key in BURST:
+                await writer.set(key, "new")
+            await writer.aclose()
+            assert writer.stats().invalidations_sent == len(BURST) + 1
+            wait_until(lambda: all(reader.get(key) is None for key in BURST), 5)
+
+    asyncio.run(main())

@@ -193,6 +193,39 @@ def test_an_async_publisher_never_makes_the_same_epoch_twice(
     assert len(set(asyncio.run(scenario()))) == 3
 
 
+def test_a_request_written_behind_an_unanswered_one_never_makes_its_epoch_again(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """The asyncio wire writes a request behind one still unanswered. If the first one made
+    the epoch and the epoch is lost before the second runs (here a DEL between the two, on
+    the same connection), the second makes a new epoch, not the first one's again: it
+    carries a new candidate."""
+    _, epoch_key = log_keys(channel)
+    delete = b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(epoch_key), epoch_key.encode())
+
+    async def scenario() -> tuple[bytes, bytes]:
+        publisher = redis.asyncio.Redis(**redis_server.client_kwargs(retry=None))
+        wire = AsyncWire(publisher.connection_pool, channel, 100)
+        try:
+            with redis_server.client() as admin:
+                await wire.publish([MESSAGE])  # connected, the script loaded
+                admin.delete(epoch_key)
+                first = wire._requests.candidate
+                wire.write_nowait([MESSAGE])  # makes the epoch: ``first``
+                wire._conn._writer.write(delete)  # the epoch lost again, in between
+                wire._expected += 1
+                assert wire.appendable
+                wire.write_more_nowait([MESSAGE])
+                await wire.complete()
+                return first, bytes(admin.get(epoch_key))  # type: ignore[arg-type]
+        finally:
+            await wire.aclose()
+            await publisher.aclose()
+
+    first, epoch = asyncio.run(scenario())
+    assert epoch != first
+
+
 def test_a_subscriber_sees_every_loss_of_the_epoch_by_one_publisher(
     redis_server: RedisServer, channel: str
 ) -> None:

@@ -190,8 +190,22 @@ class AsyncRedisBackplane(RedisBackplaneBase):
         self._written = self._publish_placement
         self._wire.write_nowait(payloads)
 
+    @property
+    def appendable(self) -> bool:
+        """Whether :meth:`write_more_nowait` may be called now (callers wrote the requests
+        outstanding, and not too many: :attr:`AsyncWire.appendable`)."""
+        wire = self._wire
+        return wire is not None and self._publish_placement is not None and wire.appendable
+
+    def write_more_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the publish of ``payloads`` behind what callers wrote before and is not yet
+        answered; the sender task's :meth:`complete` reads every reply."""
+        assert self._wire is not None
+        self._wire.write_more_nowait(payloads)
+
     async def complete(self) -> int:
-        """Read the reply of what :meth:`write_nowait` wrote; raises as :meth:`publish`."""
+        """Read the replies of what :meth:`write_nowait` (and :meth:`write_more_nowait`)
+        wrote; raises as :meth:`publish`."""
         try:
             assert self._wire is not None
             receivers = await self._wire.complete()

@@ -11,10 +11,13 @@ sender). The sender then finishes the write if needed and reads the reply
 socket buffer leaves bytes for the sender, a dead connection fails only the sender's read,
 and a caller never connects (only the sender does, in :meth:`Wire.publish`).
 
-At most one request is outstanding on the connection (the drivers write only when no batch is
-in flight), so replies match requests without bookkeeping and a ``NOSCRIPT`` can never let a
-later batch overtake an earlier one. The publish script is loaded (``SCRIPT LOAD``) on every
-new connection before its first ``EVALSHA``.
+The threaded driver writes only when no batch is in flight, so at most one request is
+outstanding on its connection. The asyncio driver lets callers write a few more behind it
+(:class:`AsyncWire`), which join the batch in flight: a failure of any of them retries them
+all in order, so a ``NOSCRIPT`` never lets a later batch overtake an earlier one for good (a
+receiver that saw the later one first takes the earlier one for a gap, and repairs).
+The publish script is loaded (``SCRIPT LOAD``) on every new connection before its first
+``EVALSHA``.
 Any failure drops the connection; the sender's retry reconnects and sends the batch again with
 the same sequence numbers (a receiver applies an invalidation twice harmlessly).
 
@@ -43,7 +46,7 @@ from nearcache._core.log import (
     new_epoch,
 )
 
-__all__ = ["AsyncWire", "Requests", "Wire", "evalsha", "request"]
+__all__ = ["MAX_WRITTEN", "AsyncWire", "Requests", "Wire", "evalsha", "request"]
 
 
 def _script(source: str) -> tuple[bytes, bytes]:
@@ -55,6 +58,12 @@ def _script(source: str) -> tuple[bytes, bytes]:
 
 # (SHA, SCRIPT LOAD) of the publish script, by whether the channel is a cluster shard channel.
 _SCRIPTS = {False: _script(PUBLISH_SCRIPT), True: _script(SHARDED_PUBLISH_SCRIPT)}
+
+
+# Requests a caller may have written on the asyncio publishing connection before the sender
+# reads their replies (AsyncWire.write_more_nowait): a burst of writes on the event loop goes
+# out at once, and past these a batch waits for the replies, as one large one then.
+MAX_WRITTEN = 4
 
 
 def _bulk(value: bytes) -> bytes:
@@ -121,6 +130,11 @@ class Requests:
         last = replies[-1] if self._log_length and replies else None
         if isinstance(last, list) and last and last[0] in (self.candidate, self._text):
             self._new_candidate()
+
+    def renew(self) -> None:
+        """Carry a new candidate from the next request on (the one before it may still create
+        the epoch with the current one)."""
+        self._new_candidate()
 
     def lost(self) -> None:
         """The connection dropped: what its last request did is unknown (it may have created
@@ -311,7 +325,17 @@ class Wire:
 class AsyncWire:
     """The asyncio driver's publishing connection: the caller's ``set`` writes into the
     transport (which never blocks: it buffers what the socket does not take), the sender task
-    reads the reply."""
+    reads the reply.
+
+    Unlike the threaded :class:`Wire`, a caller may also write behind a request still
+    unanswered (:meth:`write_more_nowait`, up to :data:`MAX_WRITTEN` requests): on the event
+    loop nothing runs between the sender's reads but at its awaits, so the count of replies
+    to read can grow while the sender reads them, and every reply still matches its request
+    (Redis answers a connection's requests in order). The sender reads them all before it
+    returns, and the driver commits, retries or drops the requests as one batch. A failed
+    reply (a ``NOSCRIPT``, a dropped connection) drops the connection with every later
+    request unread, and the retry sends them all again, in order, with their sequence
+    numbers."""
 
     def __init__(
         self,
@@ -329,12 +353,19 @@ class AsyncWire:
         self._loaded = False
         self._ready = False
         self._expected = 0
+        self._written = 0  # requests written by callers whose replies are not all read
         self._requests = Requests(channel, log_length, sharded, clock)
 
     @property
     def ready(self) -> bool:
         """Whether a caller may write now (:meth:`write_nowait`)."""
         return self._ready
+
+    @property
+    def appendable(self) -> bool:
+        """Whether a caller may write behind the requests outstanding
+        (:meth:`write_more_nowait`): callers wrote them, and fewer than :data:`MAX_WRITTEN`."""
+        return 0 < self._written < MAX_WRITTEN and self._conn._writer is not None
 
     def write_nowait(self, payloads: Sequence[bytes]) -> None:
         """Write the request into the transport (see :meth:`Wire.write_nowait`)."""
@@ -343,6 +374,22 @@ class AsyncWire:
         writer = self._conn._writer
         if writer is not None:  # None: aborted under the driver; the sender's read fails
             writer.write(data)  # a lost connection shows in the sender's read too
+            self._written = 1
+
+    def write_more_nowait(self, payloads: Sequence[bytes]) -> None:
+        """Write the request publishing ``payloads`` behind those outstanding (callers checked
+        :attr:`appendable`); the sender's :meth:`complete` reads its replies too.
+
+        It carries a new epoch candidate: if the request ahead created the epoch and the keys
+        were lost before this one ran, this one makes a new epoch rather than the same one
+        again (see :class:`Requests`)."""
+        requests = self._requests
+        if self._log_length:
+            requests.renew()
+        data, expected = requests.build(payloads)
+        self._expected += expected
+        self._written += 1
+        self._conn._writer.write(data)
 
     async def complete(self) -> int:
         """In the sender task: read the reply of the caller's write (see
@@ -380,21 +427,24 @@ class AsyncWire:
 
     async def _read(self) -> int:
         conn = self._conn
-        replies = [await conn.read_response() for _ in range(self._expected)]
-        self._expected = 0
+        replies = []
+        while self._expected:  # callers may write more meanwhile: read their replies too
+            replies.append(await conn.read_response())
+            self._expected -= 1
+        self._written = 0
         self._requests.answered(replies)
         self._ready = conn._writer is not None
         return _receivers(replies, self._log_length)
 
     async def _drop(self) -> None:
-        self._ready, self._expected, self._loaded = False, 0, False
+        self._ready, self._expected, self._written, self._loaded = False, 0, 0, False
         self._requests.lost()
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
 
     async def aclose(self) -> None:
         """Disconnect and give the connection back to the pool."""
-        self._ready = False
+        self._ready, self._written = False, 0
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect(nowait=True)

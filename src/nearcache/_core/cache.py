@@ -540,6 +540,20 @@ class CacheCore:
             self._await_echo(first, chunks)
         return Batch(chunks, first, self.instance_id)
 
+    def take_more_ops(self) -> Batch:
+        """Take what waits to publish behind the batch in flight, on the same connection
+        (:meth:`Outbox.take` grows the batch in flight; a plain outbox only, and never behind
+        a farewell, after which the id changes). Its sequence numbers follow the batch in
+        flight's; the batch in flight keeps its first one, so a superseded or acknowledged
+        batch covers both (:meth:`batch_superseded`, :meth:`batch_sent`)."""
+        self._last_taken = self.clock()
+        chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
+        first = self._sequence + 1
+        self._sequence += len(chunks)
+        if self._awaits_echo:
+            self._await_echo(first, chunks)
+        return Batch(chunks, first, self.instance_id)
+
     def _await_echo(self, first: int, chunks: list[list[Invalidation]]) -> None:
         # A clear_region or clear writes every key it covers (outbox.written_ident).
         idents: list[tuple[str | None, Hashable]] = [

@@ -318,17 +318,24 @@ class Outbox:
     def take(self, max_ops: int) -> list[Invalidation]:
         """Mark up to ``max_ops`` waiting invalidations as in flight and return them in order.
 
-        Everything in flight must be committed before the next take.
+        With something in flight already, what is taken joins it: the batch in flight grows
+        (its operations are published behind it, on the same connection), and it is
+        committed, superseded or dropped as one. Only a plain outbox grows a batch in flight:
+        no values travel and no write is tracked.
         """
-        assert self._in_flight == 0, "commit the batch in flight first"
+        start = self._in_flight
+        assert not start or not (
+            self.track_in_flight or self.track_writes or self._values or self._latest
+        ), "only a plain outbox grows the batch in flight"
         self.fold()
         queue = self._queue
-        count = min(max_ops, len(queue))
-        if count == len(queue):
-            batch = list(map(_second, queue))
+        count = min(max_ops, len(queue) - start)
+        if start + count == len(queue):
+            batch = list(map(_second, islice(queue, start, None) if start else queue))
             self._waiting_keys.clear()  # everything is taken: nothing waits any more
         else:
-            batch = list(map(_second, islice(queue, count)))  # (a deque's [i] walks to i)
+            # (a deque's [i] walks to i: islice walks once)
+            batch = list(map(_second, islice(queue, start, start + count)))
             discard = self._waiting_keys.pop
             for op in batch:
                 if op.kind is _KEY or op.kind is _UPDATE:
@@ -351,7 +358,7 @@ class Outbox:
                             clears[ident] = left
                         else:
                             del clears[ident]
-        self._in_flight = count
+        self._in_flight = start + count
         return batch
 
     def _take_cleared(self, count: int) -> None:
@@ -395,9 +402,10 @@ class Outbox:
         return self._queue[self._in_flight][1].kind is Kind.CLEAR
 
     def drop_in_flight(self) -> None:
-        """Drop the batch in flight without sending it, because a clear waits right behind it
-        (see :attr:`superseded`). The clear takes over the batch's first sequence number, so
-        ``delivered`` does not count the dropped batch as acknowledged."""
+        """Drop the batch in flight (all of it, if it grew) without sending it, because a
+        clear waits right behind it (see :attr:`superseded`). The clear takes over the batch's
+        first sequence number, so ``delivered`` does not count the dropped batch as
+        acknowledged."""
         assert self.superseded
         first = self._queue[0][0]
         for _ in range(self._in_flight):

@@ -176,9 +176,13 @@ class AsyncNearCache(CacheCommon):
         self._progress: Signal | None = None  # batches delivered or refused, or closed
         self._sender: asyncio.Task[None] | None = None
         # A batch a caller wrote to Redis itself, whose reply the sender reads; and whether a
-        # batch is in flight, which keeps callers from writing another (``_backplane/wire.py``).
+        # batch is in flight, which keeps callers from starting another (``_backplane/wire.py``).
         self._written: tuple[Batch, list[bytes]] | None = None
         self._publishing = False
+        # The messages of the batch callers wrote, while callers may write more of it behind
+        # (AsyncWire.write_more_nowait): they join it, and the sender sends them all again
+        # should it retry.
+        self._growing: list[bytes] | None = None
         self._direct = sharing is None and hasattr(backplane, "write_nowait")
         # Set once a call to aclose() has begun; set() when it has finished.
         self._closer: asyncio.Event | None = None
@@ -480,18 +484,31 @@ class AsyncNearCache(CacheCommon):
     def _kick(self) -> None:
         """Invalidations wait and none waited before: with no batch in flight, write it to
         Redis from this coroutine without awaiting, then wake the sender (to read the reply,
-        or to send)."""
+        or to send). Behind a batch a caller wrote and whose replies are not all read yet,
+        write this one too (the batch in flight grows: see ``AsyncWire``): a burst of writes
+        between two awaits reaches the other instances without waiting for a round trip."""
         if self._wake is None:
             return
-        if not self._publishing and self._direct:
+        if self._direct:
             backplane: Any = self._backplane
             core = self._core
-            if backplane.writable and core.next_send() == 0:
-                taken = core.take_ops()
-                payloads = core.encode_batch(taken)
-                backplane.write_nowait(payloads)
-                self._written = (taken, payloads)
-                self._publishing = True
+            if not self._publishing:
+                if backplane.writable and core.next_send() == 0:
+                    taken = core.take_ops()
+                    payloads = core.encode_batch(taken)
+                    backplane.write_nowait(payloads)
+                    self._written = (taken, payloads)
+                    self._publishing = True
+                    if not taken.farewell:  # the id changes after it: nothing joins it
+                        self._growing = payloads
+            elif (
+                (growing := self._growing) is not None
+                and backplane.appendable
+                and core.outbox.waiting
+            ):
+                more = core.encode_batch(core.take_more_ops())
+                backplane.write_more_nowait(more)
+                growing.extend(more)
         self._wake.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
@@ -561,12 +578,15 @@ class AsyncNearCache(CacheCommon):
                     if self._l2 is not None:
                         await self._l2.publish(plans, since, taken.sender)
                     elif written is not None:
-                        await backplane.complete()
+                        try:
+                            await backplane.complete()  # callers' writes behind it too
+                        finally:
+                            self._growing = None
                     else:
                         await backplane.publish(payloads)
                     break
                 except Exception as exc:  # a failed publish is retried, whatever failed
-                    written = None  # the retry writes the whole batch again
+                    written = None  # the retry writes the whole batch again (grown too)
                     self._check_sending()  # the failure is aclose cutting the connection
                     delay = core.publish_failed(exc)
                     progress.notify()  # flush() reports a refusal at once
