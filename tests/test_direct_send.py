@@ -5,13 +5,16 @@ write and retries failures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from nearcache import AsyncNearCache, NearCache
 from nearcache._backplane.wire import MAX_WRITTEN
@@ -366,3 +369,82 @@ def test_async_close_delivers_every_write_behind_an_unanswered_batch(
             wait_until(lambda: all(reader.get(key) is None for key in BURST), 5)
 
     asyncio.run(main())
+
+
+# Runs until SCRIPT KILL (it writes nothing, so it may be killed); past busy-reply-threshold
+# Redis answers every other command with BUSY.
+_BUSY_SCRIPT = "while true do redis.call('TIME') end"
+
+
+def _reply_arrived(writer: AsyncNearCache) -> bool:
+    """Whether bytes wait unread on the writer's publishing socket (peeked at through a
+    duplicate of its descriptor: the transport reads nothing while the loop is blocked)."""
+    transport = writer._backplane._wire._conn._writer.transport  # type: ignore[union-attr]
+    fd = transport.get_extra_info("socket").fileno()
+    with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+        try:
+            return bool(dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+
+
+def test_async_a_refused_request_overtaken_by_the_one_behind_is_repaired(
+    redis_server: RedisServer, channel: str
+) -> None:
+    """Redis answers ``BUSY`` to a caller's request (another client's script runs), then runs
+    the request written behind it once the script is killed: the later message reaches the
+    other instance first. It takes that for a gap and repairs; the writer's retry delivers
+    the refused invalidation; no key is left stale, and ``flush()`` returns."""
+    admin = redis_server.client()
+    admin.config_set("busy-reply-threshold", 10)
+
+    def busy() -> None:
+        with contextlib.suppress(redis.ResponseError):  # "script killed"
+            redis_server.client().eval(_BUSY_SCRIPT, 0)
+
+    def refuses() -> bool:
+        try:
+            admin.ping()
+        except redis.ResponseError as exc:
+            return str(exc).startswith("BUSY")
+        return False
+
+    async def main() -> None:
+        with NearCache(redis_server.url, channel=channel, abort_connect=True) as reader:
+            writer = await _async_burst(redis_server.url, channel, reader)
+            key, behind = BURST[0], BURST[1]
+            runner = threading.Thread(target=busy)
+            runner.start()
+            try:
+                wait_until(refuses, 10)
+                # From here to the flush the loop is blocked: the sender reads no reply.
+                await writer.set(key, "new")  # answered BUSY
+                wait_until(lambda: _reply_arrived(writer), 10)
+            finally:
+                while runner.is_alive():
+                    with contextlib.suppress(redis.ResponseError):  # (not running yet)
+                        admin.script_kill()
+                    runner.join(0.05)
+            await writer.set(behind, "new")  # written behind the refused one: runs
+            wait_until(lambda: reader.get(behind) is None, 5)
+            assert reader.get(key) is None  # the gap's repair dropped L1
+            assert reader.stats().sequence_gaps == 1
+            deadline = time.monotonic() + 10  # (flush() reports a refusal at once)
+            while writer.stats().pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await writer.flush(timeout=1)
+            assert writer.stats().publish_failures >= 1
+            # The retry's late messages are taken as old and applied: nothing repairs again,
+            # and nothing written is served stale.
+            assert reader.get_or_set(key, lambda: "reloaded") == "reloaded"
+            await writer.set(key, "newer")
+            await writer.flush()
+            wait_until(lambda: reader.get(key) is None, 5)
+            assert reader.stats().sequence_gaps == 1
+            await writer.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        admin.config_set("busy-reply-threshold", 5000)
+        admin.close()

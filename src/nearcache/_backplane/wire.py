@@ -444,7 +444,7 @@ class AsyncWire:
 
     async def aclose(self) -> None:
         """Disconnect and give the connection back to the pool."""
-        self._ready, self._written = False, 0
+        self._ready, self._expected, self._written, self._loaded = False, 0, 0, False
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect(nowait=True)

@@ -527,6 +527,7 @@ class CacheCore:
         still shows as a gap, and no receiver ever meets the old id again after forgetting
         it (docs/protocol.md, "Sender id and sequence numbers").
         """
+        assert not self.outbox.in_flight, "commit the batch in flight first"
         now = self.clock()
         if self._sequence and now - self._last_taken >= SENDER_IDLE:
             first = self._batch_first_sequence = self._sequence + 1
@@ -546,6 +547,7 @@ class CacheCore:
         a farewell, after which the id changes). Its sequence numbers follow the batch in
         flight's; the batch in flight keeps its first one, so a superseded or acknowledged
         batch covers both (:meth:`batch_superseded`, :meth:`batch_sent`)."""
+        assert self.outbox.in_flight, "nothing in flight to publish behind"
         self._last_taken = self.clock()
         chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
         first = self._sequence + 1

@@ -184,6 +184,7 @@ class AsyncNearCache(CacheCommon):
         # should it retry.
         self._growing: list[bytes] | None = None
         self._direct = sharing is None and hasattr(backplane, "write_nowait")
+        self._grows = self._direct and hasattr(backplane, "write_more_nowait")
         # Set once a call to aclose() has begun; set() when it has finished.
         self._closer: asyncio.Event | None = None
 
@@ -503,12 +504,13 @@ class AsyncNearCache(CacheCommon):
                         self._growing = payloads
             elif (
                 (growing := self._growing) is not None
+                and self._grows
                 and backplane.appendable
                 and core.outbox.waiting
             ):
                 more = core.encode_batch(core.take_more_ops())
+                growing.extend(more)  # first: should the write raise, the retry sends it
                 backplane.write_more_nowait(more)
-                growing.extend(more)
         self._wake.set()
 
     async def flush(self, timeout: float = 5.0) -> None:
