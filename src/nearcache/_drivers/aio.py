@@ -495,11 +495,7 @@ class AsyncNearCache(CacheCommon):
             core = self._core
             if not self._publishing:
                 if backplane.writable and core.next_send() == 0:
-                    taken = core.take_ops()
-                    payloads = core.encode_batch(taken)
-                    backplane.write_nowait(payloads)
-                    self._written = (taken, payloads)
-                    self._publishing = True
+                    taken, payloads = self._write_batch()
                     if not taken.farewell:  # the id changes after it: nothing joins it
                         self._growing = payloads
             elif (

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal
 
 from nearcache._config import RedisSettings, parse_connection_string
-from nearcache._core.cache import CacheCore, CacheOptions, check_key
+from nearcache._core.cache import Batch, CacheCore, CacheOptions, check_key
 from nearcache._core.codec import Invalidation, Kind, channel_name
 from nearcache._core.l2 import L2Options
 from nearcache._core.serializer import SafeSerializer
@@ -103,6 +103,21 @@ class CacheCommon:
     _backplane: Any
     _core: CacheCore
     _state: CacheState
+    _written: tuple[Batch, list[bytes]] | None
+    _publishing: bool
+
+    def _write_batch(self) -> tuple[Batch, list[bytes]]:
+        """The direct path (``_backplane/wire.py``): take what waits, write it to the
+        publishing connection without blocking or awaiting, and leave the reply to the
+        sender; return what was written. The caller checked that no batch is in flight and
+        that the connection is writable."""
+        core = self._core
+        taken = core.take_ops()
+        payloads = core.encode_batch(taken)
+        self._backplane.write_nowait(payloads)
+        self._written = written = (taken, payloads)
+        self._publishing = True
+        return written
 
     def _configure(
         self,

@@ -636,11 +636,7 @@ class NearCache(CacheCommon):
                     self._written = (taken, [plan.message for plan in plans])
                     self._publishing = True
             elif backplane.writable and core.next_send() == 0:
-                taken = core.take_ops()
-                payloads = core.encode_batch(taken)
-                backplane.write_nowait(payloads)
-                self._written = (taken, payloads)
-                self._publishing = True
+                self._write_batch()
         self._cond.notify_all()
 
     # -- added by the framework integrations (kept here, at the end, as thin methods) ----
