@@ -533,13 +533,9 @@ class CacheCore:
             first = self._batch_first_sequence = self._sequence + 1
             self._sequence = first
             return Batch([[]], first, self.instance_id, farewell=True)
-        self._last_taken = now
-        chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
-        first = self._batch_first_sequence = self._sequence + 1
-        self._sequence += len(chunks)
-        if self._awaits_echo:
-            self._await_echo(first, chunks)
-        return Batch(chunks, first, self.instance_id)
+        batch = self._take_numbered(now)
+        self._batch_first_sequence = batch.first
+        return batch
 
     def take_more_ops(self) -> Batch:
         """Take what waits to publish behind the batch in flight, on the same connection
@@ -548,7 +544,12 @@ class CacheCore:
         flight's; the batch in flight keeps its first one, so a superseded or acknowledged
         batch covers both (:meth:`batch_superseded`, :meth:`batch_sent`)."""
         assert self.outbox.in_flight, "nothing in flight to publish behind"
-        self._last_taken = self.clock()
+        return self._take_numbered(self.clock())
+
+    def _take_numbered(self, now: float) -> Batch:
+        """Take what waits (into the batch in flight), cut it into messages and give them the
+        next sequence numbers."""
+        self._last_taken = now
         chunks = split(self.outbox.take(BATCH_MAX_OPS), MESSAGE_MAX_OPS)
         first = self._sequence + 1
         self._sequence += len(chunks)

@@ -496,11 +496,10 @@ class AsyncNearCache(CacheCommon):
             if not self._publishing:
                 if backplane.writable and core.next_send() == 0:
                     taken, payloads = self._write_batch()
-                    if not taken.farewell:  # the id changes after it: nothing joins it
+                    if self._grows and not taken.farewell:  # (a farewell changes the id)
                         self._growing = payloads
             elif (
                 (growing := self._growing) is not None
-                and self._grows
                 and backplane.appendable
                 and core.outbox.waiting
             ):
